@@ -1,0 +1,294 @@
+"""The Triton backend against the reference maths (ops/hard_concrete.py, ops/edge_mix.py):
+outputs and every gradient, odd shapes, both ablations, node masks, training and
+deterministic masks, fp32/bf16/fp16, the in-kernel Philox noise, and determinism.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is
+set below, before anything imports the kernels); with one, on CUDA tensors. Shapes stay
+tiny: the interpreter runs every program in Python.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+from edgeprune_fast.ops import (  # noqa: E402
+    BackendUnavailable,
+    HardConcreteParams,
+    edge_mix,
+    edge_mix_reference,
+    expected_l0,
+    hard_concrete,
+    hard_concrete_reference,
+    mix,
+    mix_reference,
+    use_backend,
+)
+from edgeprune_fast.ops.backends import triton as triton_backend  # noqa: E402
+
+pytest.importorskip("triton")
+# Triton's interpreter itself converts scalar loop bounds with a numpy call newer numpy deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+P = HardConcreteParams()
+TOL32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def _u(*shape):
+    # away from 0 and 1 so the clamp's kinks (measure zero) are not hit by rounding
+    return (0.01 + 0.98 * torch.rand(*shape)).to(DEVICE)
+
+
+def _inputs(R, W, N, D, *, corrupted, node, dtype=torch.float32):
+    la = (torch.randn(R, W) * 1.5).to(DEVICE)
+    la[0, 0] = 9.0  # clamp active at 1 (training and deterministic)
+    la[-1, -1] = -9.0  # clamp active at 0
+    ln = (torch.randn(W) * 1.5).to(DEVICE) if node else None
+    clean = torch.randn(W, N, D).to(DEVICE, dtype)
+    corrupt = torch.randn(W, N, D).to(DEVICE, dtype) if corrupted else None
+    return la, ln, clean, corrupt, _u(R, W), (_u(W) if node else None)
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _run_edge_mix(fn, la, ln, clean, corrupt, ue, un, training, wx, wz):
+    """(x, z_eff, grad la_edge, grad la_node, grad clean) of loss = <x, wx> + <z_eff, wz>."""
+    la, ln, clean = _leaves(la, ln, clean)
+    x, z = fn(la, clean, corrupt, log_alpha_node=ln, u_edge=ue if training else None,
+              u_node=un if training else None, training=training)
+    ((x.float() * wx).sum() + (z * wz).sum()).backward()
+    return x.detach(), z.detach(), la.grad, None if ln is None else ln.grad, clean.grad
+
+
+# ---------------------------------------------------------------- hard_concrete
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_hard_concrete_matches_reference(training):
+    la = (torch.randn(3, 7) * 2).to(DEVICE)
+    la[0, :2] = torch.tensor([9.0, -9.0])
+    u, g = _u(3, 7), torch.randn(3, 7).to(DEVICE)
+    la_t, la_r = _leaves(la, la)
+    with use_backend("triton"):
+        z = hard_concrete(la_t, u=u, training=training)
+    z.backward(g)
+    z_ref = hard_concrete_reference(la_r, u, training=training)
+    z_ref.backward(g)
+    torch.testing.assert_close(z, z_ref, **TOL32)
+    torch.testing.assert_close(la_t.grad, la_r.grad, **TOL32)
+    assert (la_t.grad[0, :2] == 0).all()  # clamp active: no gradient
+
+
+# ---------------------------------------------------------------- edge_mix, fp32
+
+CASES = {  # R, W, N (tokens), D, corrupted, node masks, training
+    "W5-D13-corrupt-node": (4, 5, 2, 13, True, True, True),
+    "R1-W37-one-token-zero-ablation-node": (1, 37, 1, 13, False, True, True),
+    "R70-reader-blocks-corrupt": (70, 5, 1, 13, True, False, True),
+    "W37-deterministic-corrupt-node": (3, 37, 2, 13, True, True, False),
+    "deterministic-zero-ablation": (6, 5, 1, 7, False, False, False),
+    "M143-column-blocks-node": (5, 17, 11, 13, True, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_edge_mix_matches_reference(case):
+    R, W, N, D, corrupted, node, training = CASES[case]
+    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=node)
+    wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
+    with use_backend("triton"):
+        got = _run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, training, wx, wz)
+    want = _run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, training, wx, wz)
+    for name, a, b in zip(("x", "z_eff", "grad log_alpha_edge", "grad log_alpha_node", "grad clean"), got, want):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a, b, **TOL32, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("corrupted", [True, False])
+def test_mix_matches_reference(corrupted):
+    R, W, N, D = 3, 5, 3, 13
+    z = torch.rand(R, W).to(DEVICE)
+    z[0, 0], z[1, 1] = 0.0, 1.0
+    clean = torch.randn(W, N, D).to(DEVICE)
+    corrupt = torch.randn(W, N, D).to(DEVICE) if corrupted else None
+    g = torch.randn(R, N, D).to(DEVICE)
+    zt, ct, zr, cr = _leaves(z, clean, z, clean)
+    with use_backend("triton"):
+        x = mix(zt, ct, corrupt)
+    x.backward(g)
+    x_ref = mix_reference(zr, cr, corrupt)
+    x_ref.backward(g)
+    torch.testing.assert_close(x, x_ref, **TOL32)
+    torch.testing.assert_close(zt.grad, zr.grad, **TOL32)
+    torch.testing.assert_close(ct.grad, cr.grad, **TOL32)
+
+
+@pytest.mark.parametrize("max_programs", [1, 2, None])
+def test_mix_backward_persistent_grid(max_programs):
+    """Fewer programs than column blocks: each accumulates its partial grad_z over several."""
+    from edgeprune_fast.kernels import mix_backward
+
+    R, W, M = 3, 5, 200  # 4 column blocks of 64
+    z, g = torch.rand(R, W).to(DEVICE), torch.randn(R, M).to(DEVICE)
+    clean, corrupt = torch.randn(W, M).to(DEVICE), torch.randn(W, M).to(DEVICE)
+    gz, gc = mix_backward(g, z, clean, corrupt, max_programs=max_programs)
+    torch.testing.assert_close(gz, g @ (clean - corrupt).T, **TOL32)
+    torch.testing.assert_close(gc, z.T @ g, **TOL32)
+
+
+# ---------------------------------------------------------------- bf16 / fp16
+
+
+def _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz):
+    """What plain torch computes in the low dtype: fp32 masks, mixing einsums in clean's dtype."""
+    la, ln, clean = _leaves(la, ln, clean)
+    z = hard_concrete_reference(la, ue) * hard_concrete_reference(ln, un)[None, :]
+    dt = clean.dtype
+    x = torch.einsum("rw,w...->r...", z.to(dt), clean) + torch.einsum("rw,w...->r...", (1 - z).to(dt), corrupt)
+    ((x.float() * wx).sum() + (z * wz).sum()).backward()
+    return x.detach(), z.detach(), la.grad, ln.grad, clean.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_edge_mix_low_precision(dtype):
+    """FlashAttention's rule: error against an fp32 reference at most twice torch's own
+    low-precision error (plus a hair for quantities torch happens to get exact)."""
+    R, W, N, D = 4, 37, 3, 13
+    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=True, node=True, dtype=dtype)
+    wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
+    with use_backend("triton"):
+        got = _run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, True, wx, wz)
+    ref = _run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt.float(), ue, un, True, wx, wz)
+    low = _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz)
+    assert got[0].dtype == dtype and got[4].dtype == dtype and got[1].dtype == torch.float32
+    for name, a, r, t in zip(("x", "z_eff", "grad log_alpha_edge", "grad log_alpha_node", "grad clean"), got, ref, low):
+        err = (a.float() - r).abs().max().item()
+        err_torch = (t.float() - r).abs().max().item()
+        assert err <= 2 * err_torch + 1e-5 * r.abs().max().item(), f"{name}: {err} vs torch's {err_torch}"
+
+
+# ---------------------------------------------------------------- Philox noise
+
+
+def test_seed_same_bits_and_different_seeds():
+    R, W, N, D = 3, 5, 2, 13
+    la, ln, clean, corrupt, _, _ = _inputs(R, W, N, D, corrupted=True, node=True)
+    with use_backend("triton"):
+        x1, z1 = edge_mix(la, clean, corrupt, log_alpha_node=ln, seed=7)
+        x2, z2 = edge_mix(la, clean, corrupt, log_alpha_node=ln, seed=7)
+        x3, z3 = edge_mix(la, clean, corrupt, log_alpha_node=ln, seed=8)
+        x4, z4 = edge_mix(la, clean, corrupt, log_alpha_node=ln, seed=2**62 + 7)  # 64-bit seeds use both halves
+        # the fused kernel's masks are the hard-concrete kernel's: edges at 0.., nodes at R*W..
+        z_edge = hard_concrete(la, seed=7)
+        z_node = triton_backend.BACKEND.hard_concrete_forward(ln, None, 7, R * W, True, P)
+    assert torch.equal(x1, x2) and torch.equal(z1, z2)
+    assert not torch.equal(z1, z3) and not torch.equal(z1, z4)
+    torch.testing.assert_close(z1, z_edge * z_node[None, :], rtol=0, atol=0)
+    torch.testing.assert_close(x1, mix_reference(z1, clean, corrupt), **TOL32)
+
+
+@pytest.mark.parametrize("training,seeded", [(True, True), (True, False), (False, False)])
+def test_sampling_in_kernel_or_pre_pass_same_bits(training, seeded):
+    """Masks sampled inside the mixing kernel or by the pre-pass: the same z_eff bits."""
+    from edgeprune_fast.kernels import edge_mix_forward
+
+    R, W, M = 3, 37, 300  # 3 column blocks: every column program samples in the fused path
+    la, ln, _, _, ue, un = _inputs(R, W, 1, 1, corrupted=False, node=True)
+    clean, corrupt = torch.randn(W, M).to(DEVICE), torch.randn(W, M).to(DEVICE)
+    u = (None, None) if seeded or not training else (ue, un)
+    fused = edge_mix_forward(la, ln, clean, corrupt, *u, 5, training, P, fuse_sampling=True)
+    pre = edge_mix_forward(la, ln, clean, corrupt, *u, 5, training, P, fuse_sampling=False)
+    assert torch.equal(fused[1], pre[1])
+    torch.testing.assert_close(fused[0], pre[0], rtol=0, atol=0)
+
+
+def test_seed_gradient_recomputes_the_same_noise():
+    """Backward redraws u from the seed: grad = dL/dz * (r-l)*s*(1-s)/beta with s read off
+    the forward's z (where the clamp is inactive), 0 where it is active."""
+    R, W, N, D = 4, 5, 2, 13
+    la, _, clean, corrupt, _, _ = _inputs(R, W, N, D, corrupted=True, node=False)
+    la = la.requires_grad_(True)
+    wx = torch.randn(R, N, D).to(DEVICE)
+    with use_backend("triton"):
+        x, z = edge_mix(la, clean, corrupt, seed=123)
+    (x * wx).sum().backward()
+    zg = z.detach().clone().requires_grad_(True)
+    (mix_reference(zg, clean, corrupt) * wx).sum().backward()
+    s = (z.detach() - P.left) / (P.right - P.left)
+    inside = (z > 0) & (z < 1)
+    want = torch.where(inside, zg.grad * (P.right - P.left) * s * (1 - s) / P.beta, torch.zeros_like(s))
+    torch.testing.assert_close(la.grad, want, rtol=1e-4, atol=1e-5)
+
+
+def _mean_hard_concrete(log_alpha: float, n: int = 200_000) -> float:
+    """E[z] by the midpoint rule over u in (0, 1), float64."""
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    u = P.eps + (1 - 2 * P.eps) * u
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / P.beta)
+    return (s * (P.right - P.left) + P.left).clamp(0, 1).mean().item()
+
+
+@pytest.mark.parametrize("log_alpha", [-1.0, 0.5, 2.0])
+def test_seed_statistics(log_alpha):
+    n = 8192
+    la = torch.full((n,), log_alpha, device=DEVICE)
+    with use_backend("triton"):
+        z = hard_concrete(la, seed=11).double()
+    mean, nonzero = _mean_hard_concrete(log_alpha), expected_l0(torch.tensor([log_alpha])).item()
+    assert abs(z.mean().item() - mean) < 4.5 * 0.5 / math.sqrt(n)
+    p = nonzero
+    assert abs((z != 0).double().mean().item() - p) < 4.5 * math.sqrt(p * (1 - p) / n)
+    assert z.min() >= 0 and z.max() <= 1 and (z == 1).any() and (z == 0).any()
+
+
+def test_mask_gradients_bitwise_deterministic():
+    R, W, N, D = 5, 37, 4, 80  # 320 columns: 5 backward column blocks, more than the CPU's 4 programs
+    la, ln, clean, corrupt, _, _ = _inputs(R, W, N, D, corrupted=True, node=True)
+    wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
+
+    def grads():
+        a, b, c = _leaves(la, ln, clean)
+        with use_backend("triton"):
+            x, z = edge_mix(a, c, corrupt, log_alpha_node=b, seed=3)
+        ((x * wx).sum() + (z * wz).sum()).backward()
+        return a.grad, b.grad, c.grad
+
+    for first, second in zip(grads(), grads()):
+        assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------- availability
+
+
+def test_float64_is_not_served():
+    la = torch.zeros(2, 3, dtype=torch.float64, device=DEVICE)
+    why = triton_backend.BACKEND.unavailable("edge_mix", [la, torch.zeros(3, 4, dtype=torch.float64, device=DEVICE)])
+    assert len(why) == 1 and "float64" in why[0]
+    with use_backend("triton"), pytest.raises(BackendUnavailable, match="float64"):
+        edge_mix(la, torch.zeros(3, 4, dtype=torch.float64, device=DEVICE), seed=0)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fresh = triton_backend.TritonBackend()  # kernels not loaded: it goes by the environment
+    why = fresh.unavailable("mix", [torch.zeros(2, 2)])
+    assert any("CUDA" in w and "TRITON_INTERPRET" in w for w in why)
+
+
+def test_triton_not_installed(monkeypatch):
+    real = triton_backend.importlib.util.find_spec
+    monkeypatch.setattr(triton_backend.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    why = triton_backend.TritonBackend().unavailable("hard_concrete", [torch.zeros(2, device=DEVICE)])
+    assert any("not installed" in w for w in why)
