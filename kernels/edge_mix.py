@@ -21,9 +21,9 @@ and R*W + w for nodes, or deterministic) are either sampled inside this kernel, 
 first column block writing z_eff (one launch, used when M fits one column block), or by
 `_edge_mix_masks_kernel`, a pre-pass over the R*W entries, the mixing kernel then loading
 z_eff tiles from L2. Why the pre-pass: a sample costs ~150 scalar ops (Philox rounds,
-two logs, a sigmoid); redone by every column program that is ~40 ops per loaded element
-of clean at GPT-2 shapes (R = 64, BLOCK_M = 128), several times the memory time of a
-2-byte element on an H100. Both paths give the same bits.
+two logs, a sigmoid); redone by every column program that is 150*R/BLOCK_M (75 at R = 64,
+BLOCK_M = 128) ops per column of a writer, several times the memory time of its 2-4 bytes
+on an H100 (an estimate, not yet timed). Both paths give the same bits.
 
 Backward `_mix_bwd_kernel`: a persistent grid of at most `max_programs` programs, each
 taking column blocks pid, pid + P, ... For a column block it loads grad_x once, then per
@@ -34,9 +34,17 @@ one slice per column block would be M/64 * R * W * 4 bytes (124 MB at GPT-2 smal
 8 x 32 tokens, R = 64, W = 158), more than the writer outputs themselves; 2 slices per SM
 are ~10 MB and stay in L2.
 
-Memory traffic per call (bytes; e = element size of clean, R <= 64, masks negligible):
-forward W*M*e*(2 if corrupted else 1) read + R*M*e written; backward the same reads of
-clean/corrupt + R*M*e (grad_x) read + W*M*e (grad_clean) written + 2*P*R*W*4 (partials).
+Memory traffic per call, for bandwidth figures (e = element size of clean, c = 2 with
+corrupt and 1 under zero ablation, n_r = cdiv(R, 64) reader blocks, 1 up to R = 64):
+
+    forward   DRAM  n_r*c*W*M*e read + R*M*e written (+ R*W*4 masks)
+    backward  DRAM  c*W*M*e + R*M*e read, W*M*e written, + 2*P*R*W*4 (partials, their sum)
+              L2    8*R*W bytes of partial read-modify-write per 64 columns (R*W*M/8 in all),
+                    and for R > 64 grad_x re-read once per writer block of 16
+
+so the floor the benchmark can divide by is (c*W + R)*M*e forward and ((c+1)*W + R)*M*e
+backward; e.g. W = 158, R = 37, M = 8*32*768 (GPT-2 small, batch 8 x 32 tokens) in bf16:
+139 MB forward, 201 MB backward.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ import triton.language as tl
 
 from .hard_concrete import _hard_concrete_z, kernel_args
 
-MAX_BLOCK_R = 64  # readers per program; GPT-2's layers have 37-64, larger R uses reader blocks
+MAX_BLOCK_R = 64  # readers per program: a GPT-2 layer has 37 (small) to 61 (large); more use reader blocks
 
 
 @triton.jit
@@ -169,13 +177,24 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _blocks(R: int, W: int, M: int, block_m_max: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_W, BLOCK_M, num_warps): tiles >= 16 (tl.dot's minimum), masked."""
-    block_r = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(R)))
-    block_w = 16 if W <= 16 else 32
+def _config(kernel: str, R: int, M: int, dtype: torch.dtype) -> dict:
+    """Tiles and launch options of the "fwd" or "bwd" mixing kernel: a heuristic, no autotune.
+
+    Tiles are >= 16 (tl.dot's minimum) and masked at the edges. The choices are those whose
+    sm_90 builds (Triton 3.6, its bundled ptxas) spill no registers, read off ahead-of-time
+    builds without a GPU; they are not timed yet. fp32 (ieee) dots build on FMAs and need
+    narrower writer tiles than tf32 ones; the backward's reader loop with ieee dots spills
+    at 64 readers per tile, so R > 64 uses 32 there."""
+    ieee = dtype == torch.float32
+    max_r = 32 if (kernel == "bwd" and ieee and R > MAX_BLOCK_R) else MAX_BLOCK_R
+    block_r = min(max_r, max(16, triton.next_power_of_2(R)))
+    if kernel == "fwd":
+        block_w, block_m_max, num_stages = (16, 64, 3) if ieee else (32, 128, 3)
+    else:
+        block_w, block_m_max, num_stages = (16, 64, 3) if ieee else (16, 64, 1)
     block_m = min(block_m_max, max(16, triton.next_power_of_2(M)))
-    num_warps = 8 if block_r * block_m >= 64 * 128 else 4
-    return block_r, block_w, block_m, num_warps
+    return dict(BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_M=block_m, num_warps=8 if block_r * block_m >= 2048 else 4,
+                num_stages=num_stages)
 
 
 def _check_writers(clean2d: torch.Tensor, corrupt2d: torch.Tensor | None, W: int) -> None:
@@ -198,8 +217,8 @@ def _launch_forward(z_or_la, la_node, u_edge, u_node, clean2d, corrupt2d, seed, 
     z_eff = z_or_la if given_z else torch.empty((R, W), dtype=torch.float32, device=clean2d.device)
     if R == 0:
         return x2d, z_eff
-    block_r, block_w, block_m, num_warps = _blocks(R, W, M, 128)
-    n_col_blocks = max(1, triton.cdiv(M, block_m))  # >= 1 column program, so z_eff is written
+    cfg = _config("fwd", R, M, clean2d.dtype)
+    n_col_blocks = max(1, triton.cdiv(M, cfg["BLOCK_M"]))  # >= 1 column program, so z_eff is written
     if given_z:
         hc = dict(seed=0, beta=1.0, scale=1.0, left=0.0, eps=0.0, TRAINING=False, USE_SEED=False)
     else:
@@ -222,11 +241,10 @@ def _launch_forward(z_or_la, la_node, u_edge, u_node, clean2d, corrupt2d, seed, 
             z_eff, z_or_la, la_node, u_edge, u_node, R, W, HAS_NODE=has_node, BLOCK_R=32, BLOCK_W=32, **hc)
         z_or_la, given_z = z_eff, True
         hc.update(seed=0, TRAINING=False, USE_SEED=False)  # one compiled variant of the mixing kernel for all modes
-    _edge_mix_fwd_kernel[(n_col_blocks, triton.cdiv(R, block_r))](
+    _edge_mix_fwd_kernel[(n_col_blocks, triton.cdiv(R, cfg["BLOCK_R"]))](
         x2d, z_eff, z_or_la, la_node, u_edge, u_node, clean2d, corrupt, R, W, M,
         GIVEN_Z=given_z, HAS_NODE=has_node and not given_z, HAS_CORRUPT=corrupt2d is not None,
-        DOT_PRECISION=_dot_precision(clean2d.dtype), BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_M=block_m,
-        num_warps=num_warps, **hc)
+        DOT_PRECISION=_dot_precision(clean2d.dtype), **cfg, **hc)
     return x2d, z_eff
 
 
@@ -278,8 +296,8 @@ def mix_backward(grad_x2d: torch.Tensor, z: torch.Tensor, clean2d: torch.Tensor,
     grad_x2d = grad_x2d.contiguous()
     z = z.to(torch.float32).contiguous()
     grad_clean = torch.empty_like(clean2d)
-    block_r, block_w, block_m, num_warps = _blocks(R, W, M, 64)
-    n_col_blocks = triton.cdiv(M, block_m)
+    cfg = _config("bwd", R, M, clean2d.dtype)
+    n_col_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     if R == 0 or W == 0 or n_col_blocks == 0:
         return torch.zeros((R, W), dtype=torch.float32, device=z.device), grad_clean.zero_()
     cap = max_programs if max_programs is not None else _default_max_programs(clean2d.device)
@@ -287,6 +305,6 @@ def mix_backward(grad_x2d: torch.Tensor, z: torch.Tensor, clean2d: torch.Tensor,
     partials = torch.empty((n_prog, R, W), dtype=torch.float32, device=z.device)  # every program fills its slice
     _mix_bwd_kernel[(n_prog,)](
         grad_clean, partials, grad_x2d, z, clean2d, corrupt, R, W, M, n_col_blocks,
-        HAS_CORRUPT=corrupt2d is not None, ONE_R_BLOCK=R <= block_r, DOT_PRECISION=_dot_precision(clean2d.dtype),
-        BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_M=block_m, num_warps=num_warps)
+        HAS_CORRUPT=corrupt2d is not None, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=_dot_precision(clean2d.dtype),
+        **cfg)
     return partials.sum(0), grad_clean

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import json  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -88,12 +89,30 @@ def test_hard_concrete_matches_reference(training):
     assert (la_t.grad[0, :2] == 0).all()  # clamp active: no gradient
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("left,right", [(-1.0, 3.0), (-2.0, 2.0)], ids=["v=1", "v=0"])
+def test_hard_concrete_gradient_at_the_clamp_edge(training, left, right):
+    """At v = 0 or v = 1 exactly the gradient passes, as torch.clamp's autograd does.
+    u = 0.5, log_alpha = 0 give s = 0.5 exactly, so v = 0.5*(right - left) + left exactly."""
+    p = HardConcreteParams(left=left, right=right)
+    edge = torch.tensor(0.5 * (right - left) + left, requires_grad=True)
+    edge.clamp(0.0, 1.0).backward()
+    assert edge.grad.item() == 1.0  # torch's convention, inclusive
+    la = torch.zeros(4, device=DEVICE, requires_grad=True)
+    with use_backend("triton"):
+        z = hard_concrete(la, u=torch.full((4,), 0.5, device=DEVICE), training=training, params=p)
+    z.sum().backward()
+    assert (z == edge.detach().clamp(0, 1).item()).all()
+    want = (right - left) * 0.25 / (p.beta if training else 1.0)
+    torch.testing.assert_close(la.grad, torch.full_like(la, want), rtol=1e-6, atol=0)
+
+
 # ---------------------------------------------------------------- edge_mix, fp32
 
 CASES = {  # R, W, N (tokens), D, corrupted, node masks, training
     "W5-D13-corrupt-node": (4, 5, 2, 13, True, True, True),
     "R1-W37-one-token-zero-ablation-node": (1, 37, 1, 13, False, True, True),
-    "R70-reader-blocks-corrupt": (70, 5, 1, 13, True, False, True),
+    "R70-reader-blocks-corrupt": (70, 5, 11, 13, True, False, True),
     "W37-deterministic-corrupt-node": (3, 37, 2, 13, True, True, False),
     "deterministic-zero-ablation": (6, 5, 1, 7, False, False, False),
     "M143-column-blocks-node": (5, 17, 11, 13, True, True, True),
@@ -155,21 +174,25 @@ def _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz):
     la, ln, clean = _leaves(la, ln, clean)
     z = hard_concrete_reference(la, ue) * hard_concrete_reference(ln, un)[None, :]
     dt = clean.dtype
-    x = torch.einsum("rw,w...->r...", z.to(dt), clean) + torch.einsum("rw,w...->r...", (1 - z).to(dt), corrupt)
+    x = torch.einsum("rw,w...->r...", z.to(dt), clean)
+    if corrupt is not None:
+        x = x + torch.einsum("rw,w...->r...", (1 - z).to(dt), corrupt)
     ((x.float() * wx).sum() + (z * wz).sum()).backward()
     return x.detach(), z.detach(), la.grad, ln.grad, clean.grad
 
 
+@pytest.mark.parametrize("corrupted", [True, False], ids=["corrupted", "zero-ablation"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_edge_mix_low_precision(dtype):
+def test_edge_mix_low_precision(dtype, corrupted):
     """FlashAttention's rule: error against an fp32 reference at most twice torch's own
     low-precision error (plus a hair for quantities torch happens to get exact)."""
     R, W, N, D = 4, 37, 3, 13
-    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=True, node=True, dtype=dtype)
+    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=True, dtype=dtype)
     wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
     with use_backend("triton"):
         got = _run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, True, wx, wz)
-    ref = _run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt.float(), ue, un, True, wx, wz)
+    ref = _run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt if corrupt is None else corrupt.float(),
+                        ue, un, True, wx, wz)
     low = _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz)
     assert got[0].dtype == dtype and got[4].dtype == dtype and got[1].dtype == torch.float32
     for name, a, r, t in zip(("x", "z_eff", "grad log_alpha_edge", "grad log_alpha_node", "grad clean"), got, ref, low):
@@ -266,6 +289,69 @@ def test_mask_gradients_bitwise_deterministic():
 
     for first, second in zip(grads(), grads()):
         assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------- builds for the H100
+
+BUILD_H100 = r"""
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from edgeprune_fast.kernels import edge_mix as em, hard_concrete as hc
+
+DATA = ("x_ptr", "clean_ptr", "corrupt_ptr", "grad_clean_ptr", "grad_x_ptr")
+FLOATS = ("beta", "scale", "left", "eps")
+
+def build(fn, data, consts, num_warps=4, num_stages=3):
+    sig = {n: "constexpr" if n in consts else (data if n in DATA else "*fp32") if n.endswith("_ptr")
+           else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": num_warps, "num_stages": num_stages})
+    return len(k.asm["cubin"])
+
+sizes = []
+for tr, us in ((True, True), (True, False), (False, False)):
+    for fn in (hc._hard_concrete_fwd_kernel, hc._hard_concrete_bwd_kernel):
+        sizes.append(build(fn, "*fp32", dict(TRAINING=tr, USE_SEED=us, BLOCK=1024)))
+sizes.append(build(em._edge_mix_masks_kernel, "*fp32", dict(HAS_NODE=True, TRAINING=True, USE_SEED=True,
+                                                             BLOCK_R=32, BLOCK_W=32)))
+for dtype, data in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
+    prec = em._dot_precision(dtype)
+    for R, M, given in ((64, 10**6, True), (37, 100, False)):
+        cfg = em._config("fwd", R, M, dtype)
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sizes.append(build(em._edge_mix_fwd_kernel, data, dict(
+            GIVEN_Z=given, HAS_NODE=True, TRAINING=True, USE_SEED=True, HAS_CORRUPT=True,
+            DOT_PRECISION=prec, **cfg), nw, ns))
+    for R in (64, 200):
+        cfg = em._config("bwd", R, 10**6, dtype)
+        nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+        sizes.append(build(em._mix_bwd_kernel, data, dict(
+            HAS_CORRUPT=True, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=prec, **cfg), nw, ns))
+print(json.dumps(sizes))
+"""
+
+
+def test_kernels_build_for_h100(tmp_path):
+    """Every kernel, in the variants the launchers pick at GPT-2 shapes and past 64 readers,
+    compiles through Triton's whole CUDA pipeline to an sm_90 cubin (bundled ptxas): no GPU
+    needed, so GPU-only compile errors show up on CPU machines too."""
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("this triton installation has no CUDA backend (ptxas) to build with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    import edgeprune_fast  # the child imports the package from where this process found it
+
+    where = os.path.dirname(os.path.dirname(os.path.abspath(edgeprune_fast.__file__)))
+    env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, "-c", BUILD_H100], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert all(size > 0 for size in json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 # ---------------------------------------------------------------- availability
