@@ -50,7 +50,7 @@ class TritonBackend:
         except Exception:  # a broken or hidden installation
             installed = False
         if not installed:
-            why.append("Triton is not installed (pip install triton)")
+            why.append("Triton is not installed or cannot be imported (pip install triton)")
         elif self._load_error is not None:
             why.append(f"the Triton kernels failed to import ({self._load_error})")
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.dtype not in _SERVED})
