@@ -1,0 +1,396 @@
+"""EdgePrunedModel: an HF causal LM whose every reader reads a masked mix of its upstream writers.
+
+Wraps an already loaded model and reuses its modules and weights (frozen); see graph.py
+for names, adapters.py for the supported architectures, writers.py for the slot buffer and
+the reference capture, masks.py for the mask parameters. One forward (ARCHITECTURE.md §2):
+
+    slots[0:E]   = embedding writers                                     [E, B, S, D]
+    per layer l:
+      x_a        = edge_mix(log_alpha[a{l}], slots[:W_l], corrupt[:W_l])   [H + 2K, B, S, D]
+      q_h        = attn_norm(x_a[h]) @ W_Q[h] + b_Q[h]          (k, v likewise, per KV head)
+      q, k       = the model's rotary (cos/sin from its rotary module, its apply_rotary_pos_emb)
+      z          = scaled_dot_product_attention(q, k, v, causal + padding mask, scale)
+      slots[a{l}.h*] = z_h @ W_O[h] + b_O / H                              [H, B, S, D]
+      x_m        = edge_mix(log_alpha[m{l}], slots[:W_m], corrupt[:W_m])   (W_m = W_l if parallel)
+      slots[m{l}] = mlp(mlp_norm(x_m))
+    logits       = unembed(final_norm(edge_mix(log_alpha[resid_post], slots, corrupt)))
+
+``corrupt`` is the corrupted run's writer states (a constant), None under zero ablation,
+or the mean writer outputs under mean ablation. With every mask exactly 1 the logits equal
+the HF model's (the sum of writers is its residual stream); with every mask 0 under
+corrupted ablation they equal the HF model's on the corrupted input.
+
+Masks: training draws hard-concrete samples (node masks drawn once per forward and shared
+by all readers); eval uses the deterministic masks; ``set_circuit`` fixes exact 0/1 masks.
+Position ids default to ``arange(S)`` for every row, as the HF forward of all four
+supported models does when given only an attention_mask (transformers 5: GPT2Model,
+LlamaModel, GPTNeoXModel and Qwen2Model build ``arange`` and ignore padding); the mask is
+HF's SDPA mask: causal AND key-not-padding (None, with is_causal, when nothing is padded).
+Query positions that are themselves padding give meaningless (but finite) logits, as in HF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+from .graph import Edge, Graph, GraphConfig
+from .masks import EdgeMasks
+from .ops import edge_mix, hard_concrete, mix
+from .ops.params import HardConcreteParams
+from .writers import WriterStore, capture_writer_states, embedding_writers, head_writers
+
+ABLATIONS = ("corrupted", "zero", "mean")
+
+
+@dataclass
+class EdgePrunedOutput:
+    """logits [B, S, V]; edge_sparsity / node_sparsity: 1 - expected kept fraction (0-dim,
+    differentiable in log_alpha; the Lagrangian's s); sampled_*: the same counted on the masks
+    used in this forward (z > 0), detached."""
+
+    logits: torch.Tensor
+    edge_sparsity: torch.Tensor
+    node_sparsity: torch.Tensor
+    sampled_edge_sparsity: torch.Tensor
+    sampled_node_sparsity: torch.Tensor
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    return f"{type(x).__name__} {x!r:.60}"
+
+
+class EdgePrunedModel(nn.Module):
+    """Edge-pruned view of an HF causal LM (GPT-2, Llama, GPT-NeoX/Pythia, Qwen2).
+
+    Build with :meth:`from_hf` or :meth:`from_pretrained`; call like a module:
+    ``out = pruned(input_ids, corrupted_input_ids, attention_mask)`` -> EdgePrunedOutput.
+    """
+
+    store_cls = WriterStore  # the slot buffer (tests swap in a plain concatenating one)
+
+    def __init__(self, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
+                 ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
+                 init_std: float = 0.01, params: HardConcreteParams | None = None) -> None:
+        super().__init__()
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
+        adapter = adapter_for(model)  # NotImplementedError for unsupported models
+        if split_embeds and adapter.embed_positions is None:
+            raise ValueError(f"split_embeds: {adapter.architecture} has no absolute position embedding (positions "
+                             f"enter through rotary), so it has one 'embeds' writer; expected split_embeds=False, got True")
+        model.requires_grad_(False)
+        model.eval()
+        self.hf = model
+        self.adapter: Adapter = adapter
+        self.ablation = ablation
+        heads = tuple(s.n_heads for s in adapter.layers)
+        kv = tuple(s.n_kv_heads for s in adapter.layers)
+        self._graph = Graph(GraphConfig(adapter.n_layers, heads, kv, split_embeds, adapter.parallel_mlp))
+        self.masks = EdgeMasks(self._graph, node_masks=node_masks, init=init, init_std=init_std, params=params,
+                               device=adapter.device)
+        self.mean_writers: torch.Tensor | None = None
+        if mean_writers is not None:
+            self.set_mean_writers(mean_writers)
+        elif ablation == "mean":
+            raise ValueError("mean_writers: expected a tensor [W, D] or [W, S, D] of mean writer outputs under "
+                             "ablation='mean' (see compute_mean_writers), got None")
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
+                ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
+                init_std: float = 0.01, params: HardConcreteParams | None = None) -> EdgePrunedModel:
+        """Wrap a loaded HF causal LM (its modules and weights are reused and frozen; it is put
+        in eval mode). ``init``/``init_std``: log_alpha ~ N(init, init_std)."""
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected a loaded HF causal LM (nn.Module), got {_describe(model)}")
+        return cls(model, split_embeds=split_embeds, node_masks=node_masks, ablation=ablation,
+                   mean_writers=mean_writers, init=init, init_std=init_std, params=params)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, **kwargs) -> EdgePrunedModel:
+        """Load a local directory written by ``save_pretrained`` (AutoModelForCausalLM, no hub
+        access) and wrap it; ``kwargs`` go to :meth:`from_hf`."""
+        p = Path(path).expanduser()
+        if not p.is_dir() or not (p / "config.json").is_file():
+            what = "does not exist" if not p.exists() else ("is not a directory" if not p.is_dir() else
+                                                            "has no config.json")
+            raise ValueError(f"path: expected a local directory written by save_pretrained (models are not "
+                             f"downloaded from the hub), got {str(path)!r}, which {what}")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        if device is not None:
+            model = model.to(device)
+        return cls.from_hf(model, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """Module.to/cuda/half reach the HF model; masks follow the device only (they stay float32);
+        the adapter's weight views are rebuilt on the converted parameters."""
+        self.hf._apply(fn, recurse)
+        device = fn(torch.zeros(1)).device
+        self.masks._apply(lambda t: t.to(device), recurse)
+        if self.masks.circuit is not None:
+            self.masks.circuit = [z.to(device) for z in self.masks.circuit]
+        if self.mean_writers is not None:
+            self.mean_writers = self.mean_writers.to(device)
+        self.adapter = adapter_for(self.hf)
+        return self
+
+    def train(self, mode: bool = True) -> EdgePrunedModel:
+        """Sets whether masks are sampled (training) or deterministic; the HF modules stay in eval
+        mode (no dropout)."""
+        self.training = mode
+        self.masks.train(mode)
+        self.hf.eval()
+        return self
+
+    # -- graph and masks -------------------------------------------------------------------------
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    def edge_log_alpha_parameters(self) -> list[nn.Parameter]:
+        return list(self.masks.edge_log_alpha)
+
+    def node_log_alpha_parameters(self) -> list[nn.Parameter]:
+        return [] if self.masks.node_log_alpha is None else [self.masks.node_log_alpha]
+
+    def set_circuit(self, edges: Iterable[str | Sequence[str] | Edge]) -> None:
+        """Fix every mask exactly: 1 on ``edges`` (text ``"w->r"`` or ``[w, r]`` pairs), 0 elsewhere;
+        node masks are ignored while a circuit is set. ValueError naming an unknown edge."""
+        self.masks.set_circuit(edges)
+
+    def clear_circuit(self) -> None:
+        """Back to the learned masks."""
+        self.masks.clear_circuit()
+
+    def mask_state_dict(self) -> dict[str, torch.Tensor]:
+        """{"edges.<group>": log_alpha [R, W_g], ..., "nodes": [W]} (detached, float32)."""
+        return {k: v.detach() for k, v in self.masks.state().items()}
+
+    def load_mask_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.masks.load_state(state)
+
+    def save_masks(self, path: str | Path) -> None:
+        """Write the log_alphas to a safetensors file (with the graph's signature)."""
+        self.masks.save(path)
+
+    def load_masks(self, path: str | Path) -> None:
+        self.masks.load(path)
+
+    def edge_scores(self) -> torch.Tensor:
+        """A deterministic score per edge, in ``graph.edges()`` order: its log_alpha (see EdgeMasks)."""
+        return self.masks.edge_scores()
+
+    def node_scores(self) -> torch.Tensor | None:
+        return self.masks.node_scores()
+
+    def edge_writer_index(self) -> torch.Tensor:
+        """Writer slot of every edge in graph order (to combine edge and node scores)."""
+        return self.masks.writer_index()
+
+    def sparsity(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(edge, node) sparsity: expected (differentiable), or the fixed circuit's."""
+        return self.masks.circuit_sparsity() if self.masks.circuit is not None else self.masks.expected_sparsity()
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def _check_ids(self, name: str, ids, like: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"{name}: expected an integer tensor [batch, seq], got {_describe(ids)}")
+        if like is not None and ids.shape != like.shape:
+            raise ValueError(f"{name}: expected the shape of input_ids {tuple(like.shape)}, got {tuple(ids.shape)}")
+        if ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise ValueError(f"{name}: expected at least one sequence of one token, got shape {tuple(ids.shape)}")
+        if ids.shape[1] > self.adapter.n_ctx:
+            raise ValueError(f"{name}: sequence length {ids.shape[1]} is longer than the model's context of "
+                             f"{self.adapter.n_ctx} positions ({self.adapter.architecture})")
+        vocab = getattr(self.adapter.embed_tokens, "num_embeddings", None)
+        if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"{name}: expected token ids in [0, {vocab}), got min {int(ids.min())} max {int(ids.max())}")
+        return ids.to(self.adapter.device).long()
+
+    def _check_attention_mask(self, name: str, mask, shape: torch.Size) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"{name}: expected a 0/1 tensor of the input's shape {tuple(shape)}, got {_describe(mask)}")
+        mask = mask.to(self.adapter.device)
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name}: expected only 0 and 1 (1 = real token), got other values")
+        return mask
+
+    def _positions(self, position_ids, B: int, S: int) -> torch.Tensor:
+        if position_ids is None:
+            return torch.arange(S, device=self.adapter.device)[None]  # what the HF forward uses
+        if not isinstance(position_ids, torch.Tensor) or position_ids.shape not in ((1, S), (B, S)):
+            raise ValueError(f"position_ids: expected an integer tensor [1 or {B}, {S}], got {_describe(position_ids)}")
+        if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.adapter.n_ctx:
+            raise ValueError(f"position_ids: expected values in [0, {self.adapter.n_ctx}), got "
+                             f"{int(position_ids.min())}..{int(position_ids.max())}")
+        return position_ids.to(self.adapter.device).long()
+
+    def _sdpa_mask(self, mask: torch.Tensor | None, S: int) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask [B, 1, S, S] bool or None, is_causal), as HF builds it for SDPA."""
+        causal = self.adapter.causal
+        if mask is None or bool(mask.all()):
+            return None, causal
+        keep = mask.bool()[:, None, None, :]
+        if causal:
+            keep = keep & torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
+        return keep.expand(-1, 1, S, S), False
+
+    # -- reference (unmodified model) ---------------------------------------------------------------
+    @torch.no_grad()
+    def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, S, V], writer states [W, B, S, D] in ``graph.writers`` order) from one
+        plain no-grad forward of the unmodified model with each head's output captured. Pass
+        the states of the corrupted input as ``corrupted_writers`` to reuse them across steps."""
+        ids = self._check_ids("input_ids", input_ids)
+        mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
+        pos = self._positions(position_ids, *ids.shape)
+        return capture_writer_states(self.adapter, self._graph, ids, mask, pos)
+
+    @torch.no_grad()
+    def compute_mean_writers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                             per_position: bool = False) -> torch.Tensor:
+        """Mean writer outputs over the batch and the real (unpadded) positions: [W, D], or
+        per position [W, S, D]; pass to ``set_mean_writers`` for mean ablation."""
+        _, states = self.reference(input_ids, attention_mask)
+        w = torch.ones(input_ids.shape, device=states.device) if attention_mask is None else \
+            attention_mask.to(states.device).float()
+        sw = (states.float() * w[None, :, :, None])
+        if per_position:
+            return (sw.sum(1) / w.sum(0).clamp_min(1)[None, :, None]).to(states.dtype)
+        return (sw.sum((1, 2)) / w.sum().clamp_min(1)).to(states.dtype)
+
+    def set_mean_writers(self, mean_writers: torch.Tensor) -> None:
+        """Mean-ablation values: [W, D] (one vector per writer) or [W, S_max, D] (per position)."""
+        W, D = self._graph.n_writers, self.adapter.d_model
+        if not isinstance(mean_writers, torch.Tensor) or mean_writers.dim() not in (2, 3) or \
+                mean_writers.shape[0] != W or mean_writers.shape[-1] != D:
+            raise ValueError(f"mean_writers: expected a tensor [{W}, {D}] or [{W}, S, {D}] (W writers, d_model), "
+                             f"got {_describe(mean_writers)}")
+        self.mean_writers = mean_writers.detach().to(self.adapter.device, self.adapter.dtype)
+
+    def _ablation_states(self, ids, corrupted_input_ids, corrupted_writers, corrupted_attention_mask, pos):
+        B, S = ids.shape
+        W, D = self._graph.n_writers, self.adapter.d_model
+        if self.ablation == "zero":
+            return None
+        if self.ablation == "mean":
+            m = self.mean_writers
+            if m.dim() == 3 and m.shape[1] < S:
+                raise ValueError(f"mean_writers: per-position means cover {m.shape[1]} positions, the input has {S}")
+            m = m[:, None, None, :] if m.dim() == 2 else m[:, None, :S, :]
+            return m.expand(W, B, S, D).contiguous()
+        if corrupted_writers is not None:
+            if not isinstance(corrupted_writers, torch.Tensor) or tuple(corrupted_writers.shape) != (W, B, S, D):
+                raise ValueError(f"corrupted_writers: expected the corrupted run's writer states [{W}, {B}, {S}, {D}] "
+                                 f"(from reference(corrupted_input_ids)[1]), got {_describe(corrupted_writers)}")
+            return corrupted_writers.detach().to(self.adapter.device, self.adapter.dtype)
+        if corrupted_input_ids is None:
+            raise ValueError("corrupted_input_ids: required under ablation='corrupted' (or pass corrupted_writers, "
+                             "e.g. reference(corrupted_input_ids)[1]), got None")
+        cids = self._check_ids("corrupted_input_ids", corrupted_input_ids, like=ids)
+        cmask = self._check_attention_mask("corrupted_attention_mask", corrupted_attention_mask, ids.shape)
+        return capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1]
+
+    # -- the edge-pruned forward ----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *, corrupted_attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, corrupted_writers: torch.Tensor | None = None,
+                training: bool | None = None) -> EdgePrunedOutput:
+        """input_ids [B, S]; corrupted_input_ids [B, S] (required under corrupted ablation unless
+        ``corrupted_writers`` [W, B, S, D] from :meth:`reference` is given); attention_mask [B, S]
+        (1 = token, 0 = padding; left or right); corrupted_attention_mask defaults to
+        attention_mask; training: sample masks (default: ``self.training``)."""
+        ids = self._check_ids("input_ids", input_ids)
+        B, S = ids.shape
+        mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
+        cmask = mask if corrupted_attention_mask is None else corrupted_attention_mask
+        pos = self._positions(position_ids, B, S)
+        training = self.training if training is None else bool(training)
+        corrupt = self._ablation_states(ids, corrupted_input_ids, corrupted_writers, cmask, pos)
+        return self._run(ids, pos, mask, corrupt, training)
+
+    def _run(self, ids, pos, mask, corrupt, training) -> EdgePrunedOutput:
+        a, g, m = self.adapter, self._graph, self.masks
+        B, S = ids.shape
+        attn_mask, is_causal = self._sdpa_mask(mask, S)
+        store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled())
+        store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
+        rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
+        u_node = None
+        if training and m.circuit is None and m.node_log_alpha is not None:
+            u_node = self._uniform(g.n_writers)
+        kept = []
+        for layer, spec in enumerate(a.layers):
+            x = self._read(2 * layer, store, corrupt, training, u_node, kept)  # [H + 2K, B, S, D]
+            store.write(self._attention(spec, x, rope, attn_mask, is_causal))
+            x_m = self._read(2 * layer + 1, store, corrupt, training, u_node, kept)[0]
+            store.write(spec.mlp(spec.mlp_norm(x_m))[None])
+        x_r = self._read(len(g.groups) - 1, store, corrupt, training, u_node, kept)[0]
+        logits = a.unembed(a.final_norm(x_r))
+        edge_sp, node_sp = self.sparsity()
+        with torch.no_grad():
+            s_edge = 1 - sum(kept) / g.n_edges
+            if m.circuit is not None or m.node_log_alpha is None:
+                s_node = torch.zeros((), device=a.device)
+            else:
+                z = hard_concrete(m.node_log_alpha.detach(), u=u_node, training=training, params=m.params)
+                s_node = 1 - (z > 0).float().mean()
+        return EdgePrunedOutput(logits, edge_sp, node_sp, torch.as_tensor(s_edge, device=a.device).float(), s_node)
+
+    def _uniform(self, *shape: int) -> torch.Tensor:
+        eps = self.masks.params.eps
+        return eps + (1 - 2 * eps) * torch.rand(*shape, device=self.adapter.device)
+
+    def _read(self, gi: int, store: WriterStore, corrupt, training: bool, u_node, kept: list) -> torch.Tensor:
+        """The inputs [R, B, S, D] of reader group gi: its masks applied to the writer prefix."""
+        m, n = self.masks, self._graph.groups[gi].n_upstream
+        clean = store.read(n)
+        cor = None if corrupt is None else corrupt[:n]
+        if m.circuit is not None:
+            z = m.circuit[gi]
+            x = mix(z, clean, cor)
+        else:
+            la = m.edge_log_alpha[gi]
+            kw: dict = {"training": training, "params": m.params}
+            if m.node_log_alpha is not None:
+                kw["log_alpha_node"] = m.node_log_alpha[:n]
+                if training:
+                    kw["u_edge"], kw["u_node"] = self._uniform(*la.shape), u_node[:n]
+            x, z = edge_mix(la, clean, cor, **kw)
+        kept.append((z.detach() > 0).sum())
+        return x
+
+    def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:
+        """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]."""
+        H, K = spec.n_heads, spec.n_kv_heads
+        h = spec.attn_norm(x)
+
+        def project(part, W, b):  # [n, B, S, D] @ [n, D, d] -> [B, n, S, d]
+            y = torch.einsum("nbsd,nde->bnse", part, W)
+            return y if b is None else y + b[None, :, None, :]
+
+        q = project(h[:H], spec.W_Q, spec.b_Q)
+        k = project(h[H:H + K], spec.W_K, spec.b_K)
+        v = project(h[H + K:], spec.W_V, spec.b_V)
+        if rope is not None:
+            q, k = self.adapter.apply_rotary(q, k, *rope)
+        if K != H:
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scale)
+        return head_writers(z, spec.W_O, spec.b_O)

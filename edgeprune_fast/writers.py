@@ -1,0 +1,158 @@
+"""Writer outputs: the per-forward slot buffer, and their capture from the unmodified model.
+
+**Slot buffer** (ARCHITECTURE.md §3). One forward of the edge-pruned model stores each
+writer's output once, in a preallocated ``buffer [W, B, S, D]`` written slot by slot in
+residual order; a layer's readers read the view ``buffer[:n]`` of the writers upstream of
+them, never a copy. Two autograd Functions make this differentiable:
+
+    token' = WriteSlots(token, y [k, B, S, D], slot)   copies y into buffer[slot:slot+k]
+    view   = ReadSlots(token, n)                        buffer[:n]
+
+``token`` is a zero-size tensor threaded through every write and read. Backward:
+ReadSlots adds its incoming gradient into a gradient buffer ``G[:n]`` in place, and
+WriteSlots returns ``G[slot:slot+k]`` as y's gradient. The token chain orders backward
+correctly: every read of slot s happens after the write of s, so it holds a token derived
+from the write's token, and autograd runs a node's backward only after all nodes that
+consumed its outputs; hence all readers of a slot have added into G before its writer
+returns G[slot].
+
+Writes go through ``buffer.data``, which does not bump the version counter that
+autograd's saved-tensor check reads; this is safe because a slot is written exactly once
+per forward, before any read of it, and a view saved by a reader (buffer[:n]) covers
+only slots written earlier, which are never written again.
+
+**Capture** (``capture_writer_states``): the full model's logits and every writer's output
+come from one plain ``torch.no_grad()`` forward of the unmodified model, with a forward
+pre-hook on each layer's output projection (its input is z [B, S, H*dv]; the head writer is
+z_h @ W_O[h] + b_O / H, ARCHITECTURE.md §1) and a forward hook on each MLP. Hooks are added
+inside a context manager that always removes them. Embedding writers are recomputed with
+the model's own embedding modules. States: a tensor [W, B, S, D] in writer order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .adapters import Adapter
+from .graph import Graph
+
+
+class WriterStore:
+    """Slots [W, B, S, D] of one forward; ``write`` in residual order, ``read`` prefixes."""
+
+    def __init__(self, n_writers: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
+                 track_grad: bool) -> None:
+        self.buffer = torch.empty(n_writers, *shape, dtype=dtype, device=device)
+        self.grad: torch.Tensor | None = None
+        self.token = torch.empty(0, dtype=dtype, device=device, requires_grad=track_grad)
+        self.n_written = 0
+
+    def write(self, y: torch.Tensor) -> None:
+        """Append y [k, B, S, D] (k writers) at the next slots."""
+        slot, k = self.n_written, y.shape[0]
+        if slot + k > self.buffer.shape[0] or y.shape[1:] != self.buffer.shape[1:]:
+            raise RuntimeError(f"WriterStore: cannot write {tuple(y.shape)} at slot {slot} of {tuple(self.buffer.shape)}")
+        self.token = WriteSlots.apply(self.token, y, self, slot)
+        self.n_written = slot + k
+
+    def read(self, n: int) -> torch.Tensor:
+        """The view buffer[:n] of the first n writers (all already written)."""
+        if n > self.n_written:
+            raise RuntimeError(f"WriterStore: read of {n} slots but only {self.n_written} are written")
+        return ReadSlots.apply(self.token, self, n)
+
+
+class WriteSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token, y, store: WriterStore, slot: int):
+        # Through .data: no version bump, so views of earlier slots saved for backward stay valid
+        store.buffer.data[slot:slot + y.shape[0]].copy_(y)
+        ctx.store, ctx.slot, ctx.k = store, slot, y.shape[0]
+        return token.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, g_token):
+        G = ctx.store.grad
+        g_y = None if G is None or not ctx.needs_input_grad[1] else G[ctx.slot:ctx.slot + ctx.k]
+        return g_token, g_y, None, None
+
+
+class ReadSlots(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token, store: WriterStore, n: int):
+        ctx.store, ctx.n = store, n
+        ctx.token_like = (token.dtype, token.device)
+        return store.buffer[:n].detach()  # an alias of the slots, not a copy
+
+    @staticmethod
+    def backward(ctx, g):
+        store = ctx.store
+        if store.grad is None:
+            store.grad = torch.zeros_like(store.buffer)
+        store.grad[:ctx.n] += g
+        dtype, device = ctx.token_like
+        return torch.empty(0, dtype=dtype, device=device), None, None
+
+
+# ---- capture from the unmodified model --------------------------------------------------------
+@contextmanager
+def hooks(registrations: list) -> Iterator[None]:
+    """Register (module, kind, fn) hooks; always remove them on exit."""
+    handles = []
+    try:
+        for module, kind, fn in registrations:
+            handles.append(module.register_forward_pre_hook(fn) if kind == "pre" else module.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def embedding_writers(adapter: Adapter, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      split_embeds: bool) -> torch.Tensor:
+    """[E, B, S, D]: (embeds) or (tok_embeds, pos_embeds), from the model's embedding modules."""
+    tok = adapter.embed_tokens(input_ids)
+    if adapter.embed_positions is None:
+        return tok[None]
+    pos = adapter.embed_positions(position_ids).to(tok.dtype).expand_as(tok)
+    return torch.stack([tok, pos]) if split_embeds else (tok + pos)[None]
+
+
+def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None) -> torch.Tensor:
+    """z [B, H, S, dv] or [B, S, H, dv] given as 'bhsd' -> writers [H, B, S, D] = z_h W_O[h] + b_O / H."""
+    y = torch.einsum("bhse,hed->hbsd", z, W_O)
+    return y if b_O is None else y + b_O / W_O.shape[0]
+
+
+@torch.no_grad()
+def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tensor,
+                          attention_mask: torch.Tensor | None,
+                          position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, states [W, B, S, D] in graph writer order) from one plain forward of the
+    unmodified model with per-head outputs captured (see the module docstring)."""
+    if adapter.reference_fn is not None:
+        return adapter.reference_fn(input_ids, attention_mask, position_ids, graph)
+    B, S = input_ids.shape
+    states = torch.empty(graph.n_writers, B, S, adapter.d_model, dtype=adapter.dtype, device=input_ids.device)
+    emb = embedding_writers(adapter, input_ids, position_ids, graph.config.split_embeds)
+    states[: emb.shape[0]] = emb
+    regs: list = []
+    for layer, spec in enumerate(adapter.layers):
+        first = graph.slot(f"a{layer}.h0")
+        H, mlp_slot = spec.n_heads, graph.slot(f"m{layer}")
+
+        def z_hook(module, args, first=first, H=H, spec=spec):
+            z = args[0]  # [B, S, H*dv], the heads concatenated
+            z = z.view(*z.shape[:-1], H, -1).transpose(1, 2)
+            states[first:first + H] = head_writers(z, spec.W_O, spec.b_O)
+
+        def mlp_hook(module, args, output, slot=mlp_slot):
+            states[slot] = output[0] if isinstance(output, tuple) else output
+
+        regs += [(spec.o_proj, "pre", z_hook), (spec.mlp, "post", mlp_hook)]
+    with hooks(regs):
+        logits = adapter.full_forward(input_ids, attention_mask, position_ids)
+    return logits, states

@@ -1,0 +1,127 @@
+"""A slow, independent reference of the edge-pruned forward, for tests.
+
+Written from the maths (ARCHITECTURE.md §1-2), not from the package: every reader's input
+is an explicit Python sum over its upstream writers of the clean output (edge kept) or the
+ablated one (edge removed: the corrupted run's output, or 0). It uses the HF model's own
+full projections (sliced per head afterwards), its rotary function and eager attention.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def parts(model):
+    """(architecture, embeddings fn, layers, final norm, lm_head, rotary module or None)."""
+    name = type(model).__name__
+    if name == "GPT2LMHeadModel":
+        t = model.transformer
+        return "gpt2", t, t.h, t.ln_f, None
+    if name in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+        b = model.model
+        return "llama", b, b.layers, b.norm, b.rotary_emb
+    if name == "GPTNeoXForCausalLM":
+        b = model.gpt_neox
+        return "neox", b, b.layers, b.final_layer_norm, b.rotary_emb
+    raise ValueError(name)
+
+
+def names(model, split_embeds=False):
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    H = cfg.num_attention_heads
+    K = getattr(cfg, "num_key_value_heads", None) or H
+    writers = ["tok_embeds", "pos_embeds"] if split_embeds else ["embeds"]
+    layers = []
+    for layer in range(L):
+        kv = "h" if K == H else "g"
+        q = [f"a{layer}.h{h}.q" for h in range(H)]
+        k = [f"a{layer}.{kv}{g}.k" for g in range(K)]
+        v = [f"a{layer}.{kv}{g}.v" for g in range(K)]
+        layers.append((q, k, v, len(writers)))
+        writers = writers + [f"a{layer}.h{h}" for h in range(H)] + [f"m{layer}"]
+    return writers, layers
+
+
+def slow_forward(model, ids, kept, ablated=None, split_embeds=False):
+    """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero)."""
+    arch, base, blocks, final_norm, rotary = parts(model)
+    cfg = model.config
+    B, S = ids.shape
+    H = cfg.num_attention_heads
+    K = getattr(cfg, "num_key_value_heads", None) or H
+    D = cfg.hidden_size
+    dh = D // H
+    pos = torch.arange(S)[None]
+    writers, layers = names(model, split_embeds)
+    y = {}
+    if arch == "gpt2":
+        tok, pe = base.wte(ids), base.wpe(pos).expand(B, S, D)
+        if split_embeds:
+            y["tok_embeds"], y["pos_embeds"] = tok, pe
+        else:
+            y["embeds"] = tok + pe
+    else:
+        y["embeds"] = (base.embed_tokens if arch == "llama" else base.embed_in)(ids)
+    parallel = arch == "neox" and cfg.use_parallel_residual
+
+    def read(reader, n_upstream):
+        x = torch.zeros(B, S, D)
+        for w in writers[:n_upstream]:
+            if (w, reader) in kept:
+                x = x + y[w]
+            elif ablated is not None:
+                x = x + ablated[w]
+        return x
+
+    for layer, blk in enumerate(blocks):
+        q_names, k_names, v_names, n_up = layers[layer]
+        if arch == "gpt2":
+            norm1, norm2, at = blk.ln_1, blk.ln_2, blk.attn
+
+            def proj(x, which, i, at=at):  # c_attn output is [q | k | v], each D wide
+                return at.c_attn(x)[..., which * D:(which + 1) * D][..., i * dh:(i + 1) * dh]
+
+            o_w = lambda h, at=at: at.c_proj.weight[h * dh:(h + 1) * dh, :]  # noqa: E731
+            o_b, scale = at.c_proj.bias, at.scaling
+        elif arch == "llama":
+            norm1, norm2, at = blk.input_layernorm, blk.post_attention_layernorm, blk.self_attn
+
+            def proj(x, which, i, at=at):
+                lin = (at.q_proj, at.k_proj, at.v_proj)[which]
+                return lin(x)[..., i * dh:(i + 1) * dh]
+
+            o_w = lambda h, at=at: at.o_proj.weight[:, h * dh:(h + 1) * dh].T  # noqa: E731
+            o_b, scale = at.o_proj.bias, at.scaling
+        else:
+            norm1, norm2, at = blk.input_layernorm, blk.post_attention_layernorm, blk.attention
+
+            def proj(x, which, i, at=at):  # query_key_value viewed [.., H, 3*dh], per head [q | k | v]
+                return at.query_key_value(x).view(B, S, H, 3 * dh)[:, :, i, which * dh:(which + 1) * dh]
+
+            o_w = lambda h, at=at: at.dense.weight[:, h * dh:(h + 1) * dh].T  # noqa: E731
+            o_b, scale = at.dense.bias, at.scaling
+        ks = [proj(norm1(read(r, n_up)), 1, g) for g, r in enumerate(k_names)]
+        vs = [proj(norm1(read(r, n_up)), 2, g) for g, r in enumerate(v_names)]
+        heads = {}
+        for h, r in enumerate(q_names):
+            q, k, v = proj(norm1(read(r, n_up)), 0, h), ks[h // (H // K)], vs[h // (H // K)]
+            if rotary is not None:
+                cos, sin = rotary(q, pos)
+                fn = sys.modules[type(at).__module__].apply_rotary_pos_emb
+                q, k = fn(q[:, None], k[:, None], cos, sin)
+                q, k = q[:, 0], k[:, 0]
+            scores = q @ k.transpose(-1, -2) * scale
+            scores = scores.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+            z = scores.softmax(-1) @ v
+            heads[f"a{layer}.h{h}"] = z @ o_w(h) + (0 if o_b is None else o_b / H)
+        if parallel:  # the MLP reads the same writers as the attention
+            y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up)))
+            y.update(heads)
+        else:
+            y.update(heads)
+            y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up + H)))
+    logits = model.lm_head(final_norm(read("resid_post", len(writers))))
+    return logits, y

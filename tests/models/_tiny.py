@@ -1,0 +1,46 @@
+"""Tiny random-weight models of the four supported architectures (fp32, eval mode)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB, CTX = 61, 24
+ARCHS = ("gpt2", "llama", "neox", "neox_seq", "qwen2")
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2, initializer_range=0.1)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=CTX, **common)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "llama":  # grouped-query attention: 4 query heads, 2 KV heads
+        cfg = LlamaConfig(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                          intermediate_size=48, max_position_embeddings=CTX, **common)
+        model = LlamaForCausalLM(cfg)
+    elif arch in ("neox", "neox_seq"):  # Pythia-like: partial rotary, parallel residual (or not)
+        cfg = GPTNeoXConfig(num_hidden_layers=3, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                            max_position_embeddings=CTX, rotary_pct=0.25, use_parallel_residual=arch == "neox",
+                            **common)
+        model = GPTNeoXForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                          intermediate_size=48, max_position_embeddings=CTX, **common)
+        model = Qwen2ForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    with torch.no_grad():  # random biases and norm weights, so that every parameter matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(dtype).eval()
