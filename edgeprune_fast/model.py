@@ -385,9 +385,8 @@ class EdgePrunedModel(nn.Module):
             y = torch.einsum("nbsd,nde->bnse", part, W)
             return y if b is None else y + b[None, :, None, :]
 
-        q = project(h[:H], spec.W_Q, spec.b_Q)
-        k = project(h[H:H + K], spec.W_K, spec.b_K)
-        v = project(h[H + K:], spec.W_V, spec.b_V)
+        hq, hk, hv = h.split([H, K, K])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
+        q, k, v = project(hq, spec.W_Q, spec.b_Q), project(hk, spec.W_K, spec.b_K), project(hv, spec.W_V, spec.b_V)
         if rope is not None:
             q, k = self.adapter.apply_rotary(q, k, *rope)
         if K != H:

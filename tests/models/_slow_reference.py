@@ -45,8 +45,10 @@ def names(model, split_embeds=False):
     return writers, layers
 
 
-def slow_forward(model, ids, kept, ablated=None, split_embeds=False):
-    """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero)."""
+def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None):
+    """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero).
+    attention_mask [B, S] (1 = token): padded keys are masked; positions stay arange(S) as in HF;
+    a query that sees no key gets z = 0."""
     arch, base, blocks, final_norm, rotary = parts(model)
     cfg = model.config
     B, S = ids.shape
@@ -114,8 +116,11 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False):
                 q, k = fn(q[:, None], k[:, None], cos, sin)
                 q, k = q[:, 0], k[:, 0]
             scores = q @ k.transpose(-1, -2) * scale
-            scores = scores.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
-            z = scores.softmax(-1) @ v
+            allowed = torch.ones(S, S, dtype=torch.bool).tril()
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.bool()[:, None, :]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            z = scores.softmax(-1).nan_to_num(0.0) @ v
             heads[f"a{layer}.h{h}"] = z @ o_w(h) + (0 if o_b is None else o_b / H)
         if parallel:  # the MLP reads the same writers as the attention
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up)))

@@ -115,11 +115,47 @@ def test_random_circuit_equals_slow_reference(arch, split, ablation):
     assert (want - model(ids).logits).abs().max() > 1e-2  # the circuit really changes the output
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_random_circuit_with_padding_equals_slow_reference(arch, padding):
+    model = tiny_model(arch)
+    pruned = EdgePrunedModel.from_hf(model)
+    ids, cids, mask = _ids(seed=0), _ids(seed=1), _padding(padding)
+    g = torch.Generator().manual_seed(5)
+    edges = [e for e in pruned.graph.edges() if torch.rand(1, generator=g).item() < 0.5]
+    everything = {(e.writer, e.reader) for e in pruned.graph.edges()}
+    with torch.no_grad():
+        ablated = slow_forward(model, cids, everything, attention_mask=mask)[1]
+        want, _ = slow_forward(model, ids, {(e.writer, e.reader) for e in edges}, ablated=ablated,
+                               attention_mask=mask)
+        pruned.set_circuit(edges)
+        got = pruned(ids, cids, attention_mask=mask).logits
+    real = mask.bool()  # padded query positions are meaningless (as in HF)
+    torch.testing.assert_close(got[real], want[real], atol=TOL, rtol=0)
+
+
+def test_llama_head_dim_not_d_model_over_heads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                      head_dim=16, intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=16,
+                      initializer_range=0.1, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
+    pruned = EdgePrunedModel.from_hf(model, ablation="zero")
+    pruned.set_circuit(pruned.graph.edges())
+    ids, mask = _ids(), _padding("left")
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   atol=TOL, rtol=0)
+
+
 def test_mean_ablation_equals_slow_reference():
     model = tiny_model("llama")
     probe = EdgePrunedModel.from_hf(model, ablation="zero")
     data = _ids(B=4, S=9, seed=3)
     means = probe.compute_mean_writers(data)
+    assert probe.compute_mean_writers(data, per_position=True).shape == (probe.graph.n_writers, 9, 32)
     pruned = EdgePrunedModel.from_hf(model, ablation="mean", mean_writers=means)
     ids = _ids()
     g = torch.Generator().manual_seed(2)
