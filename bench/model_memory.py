@@ -63,7 +63,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(kl)
+        return float(kl.detach())
 
     def step():
         full_logits, _ = pruned.reference(ids)
