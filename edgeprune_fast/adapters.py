@@ -32,6 +32,9 @@ function ``model -> Adapter`` and registering it in ``ADAPTERS``; the fields are
     reference_fn    optional (input_ids, attention_mask, position_ids, graph) ->
                     (logits, writer states [W, B, S, D]); when None the states are captured
                     with hooks on ``LayerSpec.o_proj`` (pre-hook: z) and ``LayerSpec.mlp``
+
+A complete non-HF example (the tracr ``TracrTransformer``: identity norms, causal=False,
+its own reference forward) is ``tracr_adapter`` in tests/models/test_custom_adapter.py.
 """
 
 from __future__ import annotations
