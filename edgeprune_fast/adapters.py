@@ -34,7 +34,7 @@ function ``model -> Adapter`` and registering it in ``ADAPTERS``; the fields are
                     with hooks on ``LayerSpec.o_proj`` (pre-hook: z) and ``LayerSpec.mlp``
 
 A complete non-HF example (the tracr ``TracrTransformer``: identity norms, causal=False,
-its own reference forward) is ``tracr_adapter`` in tests/models/test_custom_adapter.py.
+its own reference forward) is ``tracr.tracr_adapter``, registered below.
 """
 
 from __future__ import annotations
@@ -229,11 +229,18 @@ def gpt_neox_adapter(model: nn.Module) -> Adapter:
         parallel_mlp=bool(cfg.use_parallel_residual))
 
 
+def _tracr_adapter(model: nn.Module) -> Adapter:
+    from .tracr import tracr_adapter  # imported here: tracr.py imports this module
+
+    return tracr_adapter(model)
+
+
 ADAPTERS: dict[str, Callable[[nn.Module], Adapter]] = {
     "GPT2LMHeadModel": gpt2_adapter,
     "LlamaForCausalLM": llama_adapter,
     "GPTNeoXForCausalLM": gpt_neox_adapter,
     "Qwen2ForCausalLM": qwen2_adapter,
+    "TracrTransformer": _tracr_adapter,
 }
 
 

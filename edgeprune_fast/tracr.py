@@ -41,6 +41,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .adapters import Adapter, LayerSpec
+
 Token = int | str
 Edge = tuple[str, str]
 TRACR_DATA_DIR = Path(__file__).resolve().parent / "data" / "tracr"  # demo: load_tracr(TRACR_DATA_DIR, "reverse")
@@ -365,6 +367,27 @@ class TracrTransformer(nn.Module):
             y[f"m{i}"] = block.mlp(read(f"m{i}"))
         out = self.unembed(read(RESID_POST))
         return (out, y) if return_writers else out
+
+
+def tracr_adapter(model: TracrTransformer) -> Adapter:
+    """The edge-pruning adapter of a ``TracrTransformer`` (registered in ``adapters.ADAPTERS``):
+    no norms (identity), bidirectional attention (causal=False), no rotary, the export's own
+    W_Q/W_K/W_V/W_O arrays as the per-head views, and ``run_with_writers`` as the reference
+    forward (full outputs and every writer's state). Attention masks are ignored: tracr
+    sequences are never padded (``encode`` rejects unequal lengths)."""
+    cfg = model.config
+    layers = tuple(LayerSpec(attn_norm=nn.Identity(), mlp_norm=nn.Identity(), W_Q=b.attn.W_Q, b_Q=b.attn.b_Q,
+                             W_K=b.attn.W_K, b_K=b.attn.b_K, W_V=b.attn.W_V, b_V=b.attn.b_V, W_O=b.attn.W_O,
+                             b_O=b.attn.b_O, mlp=b.mlp, scale=cfg.attn_scale, o_proj=None) for b in model.blocks)
+
+    def reference(ids, attention_mask, position_ids, graph):  # -> (out [B, T, d_out], writers [W, B, T, D])
+        out, y = model.run_with_writers(ids, graph.config.split_embeds)
+        return out, torch.stack([y[w] for w in graph.writer_names()])
+
+    return Adapter(architecture="TracrTransformer", model=model, layers=layers, d_model=cfg.d_model, n_ctx=cfg.n_ctx,
+                   embed_tokens=lambda ids: model.embed.W_tok[ids], embed_positions=lambda pos: model.embed.W_pos[pos],
+                   rotary=None, apply_rotary=None, final_norm=nn.Identity(), unembed=model.unembed,
+                   full_forward=lambda ids, mask, pos: model(ids), causal=False, reference_fn=reference)
 
 
 def load_tracr(path: str | Path, name: str | None = None) -> TracrTransformer:
