@@ -44,6 +44,7 @@ class OriginalGPT2:
         for layer in range(self.L):
             self.readers += [f"a{layer}.h{h}.{c}" for c in "qkv" for h in range(self.H)] + [f"m{layer}"]
         self.readers.append("resid_post")
+        self._valid = {r: (torch.arange(self.W) < self.upstream(r)).float() for r in self.readers}
 
     # -- masks ----------------------------------------------------------------------------
     def upstream(self, reader: str) -> int:
@@ -55,7 +56,8 @@ class OriginalGPT2:
         return first_head if reader.startswith("a") else first_head + self.H
 
     def valid(self, reader: str) -> torch.Tensor:
-        return (torch.arange(self.W) < self.upstream(reader)).float()
+        """[W]: 1 on the slots upstream of ``reader``, 0 on the rest."""
+        return self._valid[reader]
 
     def masks_from_edges(self, edges) -> dict[str, torch.Tensor]:
         masks = {r: torch.zeros(self.W) for r in self.readers}
@@ -76,7 +78,7 @@ class OriginalGPT2:
         z_node = sample(node_log_alpha)
         out = {}
         for r, la in log_alphas.items():
-            out[r] = sample(la) * z_node * self.valid(r).to(la.device)
+            out[r] = sample(la) * z_node * self._valid[r].to(la.device)
         return out
 
     # -- the disentangled forward ------------------------------------------------------
@@ -86,11 +88,12 @@ class OriginalGPT2:
         return states + F.pad(new, (0, 0, 0, 0, 0, 0, first_slot, self.W - first_slot - n))
 
     def _read(self, states, corrupt, z, readers):
+        z = z.to(states.dtype)
         x = torch.einsum("wbsd,rw->rbsd", states, z)
         if corrupt is not None:
             # (1 - z) on the reader's upstream slots only: the corrupted stack is complete,
             # and downstream writers must not leak into an upstream reader
-            valid = torch.stack([self.valid(r) for r in readers]).to(z)
+            valid = torch.stack([self._valid[r] for r in readers]).to(z)
             x = x + torch.einsum("wbsd,rw->rbsd", corrupt, valid - z)
         return x
 
@@ -126,17 +129,35 @@ class OriginalGPT2:
         x = hf.ln_f(self._read(states, corrupt, masks["resid_post"][None], ["resid_post"])[0])
         return self.hf.lm_head(x), states
 
-    def step(self, input_ids, corrupted_ids, log_alphas, node_log_alpha, optimizer):
-        """One pruning step as the original runs it: two extra disentangled passes (full
-        logits, corrupted states), the masked pass, KL, backward, optimiser step."""
+    def expected_sparsity(self, log_alphas: dict[str, torch.Tensor], node_log_alpha: torch.Tensor):
+        """(edge, node) sparsity 1 - sum P(z != 0) / count, differentiable, per mask tensor in
+        PyTorch ops as the original computes it."""
+        def p_keep(la):
+            return torch.sigmoid(la - P.beta * P.log_ratio)
+
+        kept = sum((p_keep(la) * self._valid[r].to(la.device)).sum() for r, la in log_alphas.items())
+        n_edges = sum(float(v.sum()) for v in self._valid.values())
+        return 1 - kept / n_edges, 1 - p_keep(node_log_alpha).mean()
+
+    def step(self, input_ids, corrupted_ids, log_alphas, node_log_alpha, lambdas, target, optimizers):
+        """One pruning step as the original runs it: two extra disentangled no-grad passes
+        (full logits, corrupted states), the masked pass, KL + Lagrangian
+        (lambdas [l1_e, l2_e, l1_n, l2_n], ARCHITECTURE.md §2), backward, optimiser steps
+        (``optimizers``: the masks' and the lambdas' (maximize=True)). Returns the loss."""
         ones = {k: v.to(input_ids.device) for k, v in self.all_ones().items()}
         with torch.no_grad():
             _, corrupt = self.forward(corrupted_ids, ones)
             full_logits, _ = self.forward(input_ids, ones, None)
         masks = self.sample_masks(log_alphas, node_log_alpha)
         logits, _ = self.forward(input_ids, masks, corrupt)
-        kl = F.kl_div(logits.log_softmax(-1), full_logits.log_softmax(-1), log_target=True, reduction="batchmean")
-        optimizer.zero_grad(set_to_none=True)
-        kl.backward()
-        optimizer.step()
-        return float(kl)
+        kl = F.kl_div(logits.float().log_softmax(-1), full_logits.float().log_softmax(-1), log_target=True,
+                      reduction="batchmean")
+        s_edge, s_node = self.expected_sparsity(log_alphas, node_log_alpha)
+        gap_e, gap_n = target - s_edge, target - s_node
+        loss = kl + lambdas[0] * gap_e + lambdas[1] * gap_e ** 2 + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        return float(loss.detach())
