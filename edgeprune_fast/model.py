@@ -27,6 +27,17 @@ supported models does when given only an attention_mask (transformers 5: GPT2Mod
 LlamaModel, GPTNeoXModel and Qwen2Model build ``arange`` and ignore padding); the mask is
 HF's SDPA mask: causal AND key-not-padding (None, with is_causal, when nothing is padded).
 Query positions that are themselves padding give meaningless (but finite) logits, as in HF.
+
+Large models (``checkpoint_layers``, ``corrupted_on_cpu``): with per-layer activation
+checkpointing (torch.utils.checkpoint, non-reentrant) a layer keeps nothing for backward
+but the slot buffer; its reads (the writer mixing), attention and MLP are recomputed in
+backward. The hard-concrete noise of a layer is drawn *before* its checkpointed region and
+passed in, so the recomputation uses the same masks without replaying the RNG. Recomputing
+rewrites the layer's own slots with the same values (WriterStore.resume), which is harmless:
+later readers have finished their backward by then. With ``corrupted_on_cpu`` the corrupted
+writer states stay in host memory (pinned under CUDA) and each read copies its prefix
+[n, B, S, D] to the device; pair it with checkpointing, or every layer's copy is kept for
+backward.
 """
 
 from __future__ import annotations
@@ -38,11 +49,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapters import Adapter, adapter_for
 from .graph import Edge, Graph, GraphConfig
 from .masks import EdgeMasks
 from .ops import edge_mix, hard_concrete, mix
+from .ops.hard_concrete import draw_seed
 from .ops.params import HardConcreteParams
 from .writers import WriterStore, capture_writer_states, embedding_writers, head_writers
 
@@ -79,7 +92,8 @@ class EdgePrunedModel(nn.Module):
 
     def __init__(self, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                  ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
-                 init_std: float = 0.01, params: HardConcreteParams | None = None) -> None:
+                 init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
+                 corrupted_on_cpu: bool = False) -> None:
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
@@ -97,6 +111,8 @@ class EdgePrunedModel(nn.Module):
         self._graph = Graph(GraphConfig(adapter.n_layers, heads, kv, split_embeds, adapter.parallel_mlp))
         self.masks = EdgeMasks(self._graph, node_masks=node_masks, init=init, init_std=init_std, params=params,
                                device=adapter.device)
+        self.checkpoint_layers = bool(checkpoint_layers)
+        self.corrupted_on_cpu = bool(corrupted_on_cpu)
         self.mean_writers: torch.Tensor | None = None
         if mean_writers is not None:
             self.set_mean_writers(mean_writers)
@@ -108,13 +124,22 @@ class EdgePrunedModel(nn.Module):
     @classmethod
     def from_hf(cls, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                 ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
-                init_std: float = 0.01, params: HardConcreteParams | None = None) -> EdgePrunedModel:
+                init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
+                corrupted_on_cpu: bool = False) -> EdgePrunedModel:
         """Wrap a loaded HF causal LM (its modules and weights are reused and frozen; it is put
-        in eval mode). ``init``/``init_std``: log_alpha ~ N(init, init_std)."""
+        in eval mode). ``init``/``init_std``: log_alpha ~ N(init, init_std). ``checkpoint_layers``:
+        recompute each layer in backward (see the module docstring); ``corrupted_on_cpu``: keep
+        the corrupted writer states in host memory, streamed to the device per read."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a loaded HF causal LM (nn.Module), got {_describe(model)}")
         return cls(model, split_embeds=split_embeds, node_masks=node_masks, ablation=ablation,
-                   mean_writers=mean_writers, init=init, init_std=init_std, params=params)
+                   mean_writers=mean_writers, init=init, init_std=init_std, params=params,
+                   checkpoint_layers=checkpoint_layers, corrupted_on_cpu=corrupted_on_cpu)
+
+    def gradient_checkpointing(self, enable: bool = True) -> EdgePrunedModel:
+        """Turn per-layer activation checkpointing on or off (see the module docstring)."""
+        self.checkpoint_layers = bool(enable)
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
@@ -299,13 +324,22 @@ class EdgePrunedModel(nn.Module):
             if not isinstance(corrupted_writers, torch.Tensor) or tuple(corrupted_writers.shape) != (W, B, S, D):
                 raise ValueError(f"corrupted_writers: expected the corrupted run's writer states [{W}, {B}, {S}, {D}] "
                                  f"(from reference(corrupted_input_ids)[1]), got {_describe(corrupted_writers)}")
-            return corrupted_writers.detach().to(self.adapter.device, self.adapter.dtype)
+            return self._place_corrupted(corrupted_writers.detach())
         if corrupted_input_ids is None:
             raise ValueError("corrupted_input_ids: required under ablation='corrupted' (or pass corrupted_writers, "
                              "e.g. reference(corrupted_input_ids)[1]), got None")
         cids = self._check_ids("corrupted_input_ids", corrupted_input_ids, like=ids)
         cmask = self._check_attention_mask("corrupted_attention_mask", corrupted_attention_mask, ids.shape)
-        return capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1]
+        return self._place_corrupted(capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1])
+
+    def _place_corrupted(self, states: torch.Tensor) -> torch.Tensor:
+        """Corrupted states in the model dtype, on the device or (corrupted_on_cpu) in host
+        memory, pinned under CUDA so that the per-read copies can overlap compute."""
+        a = self.adapter
+        if not self.corrupted_on_cpu:
+            return states.to(a.device, a.dtype)
+        states = states.to("cpu", a.dtype)
+        return states.pin_memory() if a.device.type == "cuda" and not states.is_pinned() else states
 
     # -- the edge-pruned forward ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor | None = None,
@@ -335,14 +369,19 @@ class EdgePrunedModel(nn.Module):
         u_node = None
         if training and m.circuit is None and m.node_log_alpha is not None:
             u_node = self._uniform(g.n_writers)
+        recompute = self.checkpoint_layers and torch.is_grad_enabled()
         kept = []
         for layer, spec in enumerate(a.layers):
-            x = self._read(2 * layer, store, corrupt, training, u_node, kept)  # [H + 2K, B, S, D]
-            store.write(self._attention(spec, x, rope, attn_mask, is_causal))
-            x_m = self._read(2 * layer + 1, store, corrupt, training, u_node, kept)[0]
-            store.write(spec.mlp(spec.mlp_norm(x_m))[None])
-        x_r = self._read(len(g.groups) - 1, store, corrupt, training, u_node, kept)[0]
-        logits = a.unembed(a.final_norm(x_r))
+            # Noise drawn here, outside the checkpointed region, in the order the reads use it
+            noise = (self._noise(2 * layer, training, u_node), self._noise(2 * layer + 1, training, u_node))
+            args = (store.token, store, layer, spec, corrupt, training, noise, rope, attn_mask, is_causal)
+            out = checkpoint(self._layer, *args, use_reentrant=False) if recompute else self._layer(*args)
+            store.token = out[0]
+            kept += out[1:]
+        args = (store.token, store, corrupt, training, self._noise(len(g.groups) - 1, training, u_node))
+        h_r, k_r = checkpoint(self._final, *args, use_reentrant=False) if recompute else self._final(*args)
+        kept.append(k_r)
+        logits = a.unembed(h_r)
         edge_sp, node_sp = self.sparsity()
         with torch.no_grad():
             s_edge = 1 - sum(kept) / g.n_edges
@@ -357,24 +396,49 @@ class EdgePrunedModel(nn.Module):
         eps = self.masks.params.eps
         return eps + (1 - 2 * eps) * torch.rand(*shape, device=self.adapter.device)
 
-    def _read(self, gi: int, store: WriterStore, corrupt, training: bool, u_node, kept: list) -> torch.Tensor:
-        """The inputs [R, B, S, D] of reader group gi: its masks applied to the writer prefix."""
+    def _noise(self, gi: int, training: bool, u_node) -> dict:
+        """The hard-concrete noise of reader group gi's masks (edge_mix keywords): explicit
+        uniforms with node masks, else a seed; nothing for fixed circuits or eval."""
+        m = self.masks
+        if m.circuit is not None or not training:
+            return {}
+        if m.node_log_alpha is not None:
+            n = self._graph.groups[gi].n_upstream
+            return {"u_edge": self._uniform(*m.edge_log_alpha[gi].shape), "u_node": u_node[:n]}
+        return {"seed": draw_seed()}
+
+    def _layer(self, token, store: WriterStore, layer: int, spec, corrupt, training, noise, rope, attn_mask, is_causal):
+        """One block: its heads and MLP written to the store; returns (token, kept edges of its
+        two reader groups). Re-entrant for checkpointing: it starts from the given token."""
+        store.resume(token, self._graph.groups[2 * layer].n_upstream)
+        x, k_a = self._read(2 * layer, store, corrupt, training, noise[0])  # [H + 2K, B, S, D]
+        store.write(self._attention(spec, x, rope, attn_mask, is_causal))
+        x_m, k_m = self._read(2 * layer + 1, store, corrupt, training, noise[1])
+        store.write(spec.mlp(spec.mlp_norm(x_m[0]))[None])
+        return store.token, k_a, k_m
+
+    def _final(self, token, store: WriterStore, corrupt, training, noise):
+        """final_norm(resid_post's input) [B, S, D] and its kept edges."""
+        store.resume(token, self._graph.n_writers)
+        x_r, k = self._read(len(self._graph.groups) - 1, store, corrupt, training, noise)
+        return self.adapter.final_norm(x_r[0]), k
+
+    def _read(self, gi: int, store: WriterStore, corrupt, training: bool, noise: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs [R, B, S, D] of reader group gi: its masks applied to the writer prefix,
+        number of its edges kept in this forward)."""
         m, n = self.masks, self._graph.groups[gi].n_upstream
         clean = store.read(n)
-        cor = None if corrupt is None else corrupt[:n]
+        cor = None if corrupt is None else corrupt[:n].to(clean.device, non_blocking=True)  # streamed if on CPU
         if m.circuit is not None:
             z = m.circuit[gi]
             x = mix(z, clean, cor)
         else:
             la = m.edge_log_alpha[gi]
-            kw: dict = {"training": training, "params": m.params}
+            kw: dict = {"training": training, "params": m.params, **noise}
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
-                if training:
-                    kw["u_edge"], kw["u_node"] = self._uniform(*la.shape), u_node[:n]
             x, z = edge_mix(la, clean, cor, **kw)
-        kept.append((z.detach() > 0).sum())
-        return x
+        return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:
         """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]."""

@@ -58,6 +58,11 @@ class WriterStore:
         self.token = WriteSlots.apply(self.token, y, self, slot)
         self.n_written = slot + k
 
+    def resume(self, token: torch.Tensor, n_written: int) -> None:
+        """Continue the chain from ``token`` with ``n_written`` slots filled: a checkpointed
+        layer's recomputation starts again from its first slot and rewrites the same values."""
+        self.token, self.n_written = token, n_written
+
     def read(self, n: int) -> torch.Tensor:
         """The view buffer[:n] of the first n writers (all already written)."""
         if n > self.n_written:
