@@ -12,8 +12,9 @@ model's prediction is read (``target_mask``) and which tokens compete (``candida
     candidates                       [C] int64 token ids the KL runs over, or None: the full
                                      vocabulary (or every output dimension of a tracr model)
     labels                           [B] int64 correct token id (or output id), or None
-    extras                           task-specific tensors for the metric (e.g. IOI's
-                                     subject token ids, Greater-Than's start year), keyed by name
+    extras                           task-specific tensors for the metric, keyed by name,
+                                     each [B, ...] (one row per example: IOI's subject token
+                                     id, Greater-Than's start year and year token ids)
 
 The loss of every task is ``kl_loss``: KL(p_full || p_circuit) averaged over target
 positions, with log-softmax over the candidates or the whole vocabulary (ARCHITECTURE.md
@@ -68,11 +69,34 @@ def kl_loss(circuit_logits: torch.Tensor, full_logits: torch.Tensor, batch: Task
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
 
+def first_target_logits(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """Logits at each row's first target position: [B, V] float32 (where the label is read)."""
+    has_target = batch.target_mask.any(dim=1)
+    if not bool(has_target.all()):
+        raise ValueError(f"batch.target_mask: every row needs a target position, rows "
+                         f"{torch.nonzero(~has_target).flatten().tolist()} have none")
+    first = batch.target_mask.int().argmax(dim=1)  # argmax returns the first maximum
+    return logits[torch.arange(logits.shape[0], device=logits.device), first].float()
+
+
+def pair_logit_diff(logits: torch.Tensor, batch: TaskBatch, other: str) -> torch.Tensor:
+    """logit(label) - logit(extras[other]) at the first target position: [B]."""
+    x = first_target_logits(logits, batch)
+    return x.gather(1, batch.labels[:, None]).squeeze(1) - x.gather(1, batch.extras[other][:, None]).squeeze(1)
+
+
+def top1_accuracy(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """1.0 where the label is the arg-max over the whole vocabulary at the first target position: [B]."""
+    return (first_target_logits(logits, batch).argmax(dim=-1) == batch.labels).float()
+
+
 class Task:
     """A task: ``batches`` to train and evaluate on, ``loss`` (KL by default) and ``metric``.
 
-    Subclasses set ``name`` and ``metric_name`` and implement ``examples``/``batches`` and
-    ``metric``; nothing about training lives here."""
+    Subclasses set ``name`` and ``metric_name`` and implement ``batches`` and ``metric``
+    (and ``metrics`` when they report more than one measure, e.g. logit difference and
+    accuracy); nothing about training lives here. Text tasks derive from
+    :class:`~edgeprune_fast.tasks.examples.ExampleTask`, which implements ``batches``."""
 
     name: str = "task"
     metric_name: str = "metric"
@@ -85,3 +109,7 @@ class Task:
 
     def metric(self, logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    def metrics(self, logits: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        """Every per-example measure the task reports ({name: [B]}); the first is ``metric``."""
+        return {self.metric_name: self.metric(logits, batch)}
