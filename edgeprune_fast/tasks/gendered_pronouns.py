@@ -58,6 +58,8 @@ def make_gendered_pronouns(tokenizer, *, n_examples: int = 256, n_validation: in
     templates = list(d["templates"])
     if not templates or any("{NAME}" not in t for t in templates):
         raise ValueError("data['templates']: expected at least one template, each with a {NAME} field")
+    if not isinstance(d["names"], Mapping) or not isinstance(d["pronouns"], Mapping):
+        raise ValueError("data: expected 'names' as {gender: [names]} and 'pronouns' as {gender: pronoun}")
     encoder = TextEncoder(tokenizer)
     kinds = GENDERS + (("neutral",) if corruption == "neutral" else ())
     names = {}

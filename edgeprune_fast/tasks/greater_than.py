@@ -68,10 +68,9 @@ def make_greater_than(tokenizer, *, n_examples: int = 256, n_validation: int | N
     first, last, corrupted = int(d["first_year"]), int(d["last_year"]), str(d["corrupted_year"])
     if not 0 <= first <= last <= 99:
         raise ValueError(f"data: expected 0 <= first_year <= last_year <= 99, got {first} and {last}")
-    encoder = TextEncoder(tokenizer)
-
     if corrupted not in TWO_DIGITS:
         raise ValueError(f"data['corrupted_year']: expected two digits such as '01', got {corrupted!r}")
+    encoder = TextEncoder(tokenizer)
     centuries = list(dict.fromkeys(str(c) for c in d["centuries"]))
     year_ids = {century: year_token_ids(encoder, century) for century in centuries}
     pairs = [(century, yy) for century in centuries for yy in range(first, last + 1)]

@@ -24,7 +24,7 @@ SPECIALS = ["<|endoftext|>", "<|pad|>", "<s>"]
 def corpus() -> list[str]:
     texts = []
     for file in sorted(DATA.glob("*.json")):
-        texts.append(json.dumps(json.load(open(file)), ensure_ascii=False))
+        texts.append(json.dumps(json.loads(file.read_text(encoding="utf-8")), ensure_ascii=False))
     words = set(re.findall(r"[A-Za-z']+|[^\sA-Za-z']", " ".join(texts)))
     words -= set(LEFT_OUT)
     lines = [" ".join(sorted(words))] * 3
