@@ -22,7 +22,8 @@ ignored) and compared with the full model (the plain HF forward) and the empty c
 
     kl            KL(p_full || p_circuit) at the task's target positions (task.loss)
     metric_*      the task's metric averaged over examples, for circuit / full / empty
-    faithfulness  (metric(circuit) - metric(empty)) / (metric(full) - metric(empty))
+    faithfulness  (metric(circuit) - metric(empty)) / (metric(full) - metric(empty)); NaN (null
+                  in files) when full and empty agree
 
 Our JSON circuit file::
 
@@ -133,8 +134,21 @@ def circuit_nodes(graph: Graph | None, edges: Iterable[Edge]) -> tuple[str, ...]
     edges = list(edges)
     ws, rs = {e.writer for e in edges}, {e.reader for e in edges}
     if graph is None:
-        return tuple(sorted(ws)) + tuple(sorted(rs))
-    return tuple(n for n in graph.writer_names() if n in ws) + tuple(n for n in graph.reader_names() if n in rs)
+        names = [*sorted(ws), *sorted(rs)]
+    else:
+        names = [n for n in graph.writer_names() if n in ws] + [n for n in graph.reader_names() if n in rs]
+    return tuple(dict.fromkeys(names))  # an MLP is a writer and a reader of the same name: list it once
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf -> None (strict JSON has neither), recursively."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 @dataclass(frozen=True)
@@ -179,20 +193,34 @@ class Circuit:
                    json.loads(graph.signature()))
 
     @classmethod
-    def from_masks(cls, masks, sparsity: float, *, node_threshold: float = 0.0, config=None) -> Circuit:
+    def from_masks(cls, masks, sparsity: float | None, *, node_threshold: float | None = None,
+                   config=None) -> Circuit:
         """Discretise an EdgeMasks (or an EdgePrunedModel's masks) at the target ``sparsity``:
-        exactly round((1 - sparsity) * n_edges) edges (see the module docstring)."""
+        exactly round((1 - sparsity) * n_edges) edges whose writer's node log_alpha is above
+        ``node_threshold`` (default 0; see the module docstring). ``sparsity=None``: let the
+        masks decide: the edges whose deterministic mask and writer's node mask are non-zero
+        (log_alpha above log(-l/r); node_threshold defaults to that too)."""
         masks = getattr(masks, "masks", masks)
         graph: Graph = masks.graph
-        k = kept_count(sparsity, graph.n_edges)
-        d = discretise(masks.edge_scores(), k, node_scores=masks.node_scores(), writer_index=masks.writer_index(),
-                       node_threshold=node_threshold)
+        scores, nodes, writer = masks.edge_scores(), masks.node_scores(), masks.writer_index()
+        if sparsity is None:
+            cut = float(masks.params.log_ratio)
+            node_threshold = cut if node_threshold is None else node_threshold
+            alive = scores > cut
+            if nodes is not None:
+                alive &= (nodes > node_threshold)[writer]
+            k = int(alive.sum())
+        else:
+            node_threshold = 0.0 if node_threshold is None else node_threshold
+            k = kept_count(sparsity, graph.n_edges)
+        d = discretise(scores, k, node_scores=nodes, writer_index=writer, node_threshold=node_threshold)
         all_edges = graph.edges()
         es = [all_edges[i] for i in d.keep.nonzero().squeeze(1).tolist()]
         cfg = dict(config or {})
-        cfg["discretisation"] = {"target_sparsity": float(sparsity), "n_keep": k, "threshold": d.threshold,
-                                 "ties_kept": d.ties_kept, "ties_dropped": d.ties_dropped, "node_threshold": node_threshold,
-                                 "n_candidates": d.n_candidates}
+        cfg["discretisation"] = {"rule": "masks (z_det > 0)" if sparsity is None else "exact count",
+                                 "target_sparsity": sparsity, "n_keep": k, "threshold": d.threshold,
+                                 "ties_kept": d.ties_kept, "ties_dropped": d.ties_dropped,
+                                 "node_threshold": node_threshold, "n_candidates": d.n_candidates}
         return cls(tuple((e.writer, e.reader) for e in es), circuit_nodes(graph, es), graph.n_edges,
                    1.0 - len(es) / graph.n_edges, {}, cfg, json.loads(graph.signature()))
 
@@ -203,7 +231,7 @@ class Circuit:
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": 1, "edges": [list(e) for e in self.edges], "nodes": list(self.nodes),
                 "n_edges": self.n_edges, "n_edges_total": self.n_edges_total, "sparsity": self.sparsity,
-                "metrics": self.metrics, "config": self.config, "graph": self.graph}
+                "metrics": _json_safe(self.metrics), "config": _json_safe(self.config), "graph": self.graph}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "circuit") -> Circuit:
@@ -232,7 +260,7 @@ class Circuit:
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
-        p.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        p.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
         return p
 
     @classmethod
@@ -315,7 +343,7 @@ def evaluate(model, edges: Iterable[str | Sequence[str] | Edge], batches: Sequen
 
 
 def evaluate_circuit(model, circuit: Circuit, task, batches: Sequence | None = None, *, batch_size: int = 32,
-                     split: str = "test") -> Circuit:
+                     split: str = "validation") -> Circuit:
     """``circuit`` with its metrics (see :func:`evaluate`) on ``task`` (``task.loss``/``task.metric``;
     batches default to ``task.batches(batch_size, split)``)."""
     if circuit.n_edges_total != model.graph.n_edges:

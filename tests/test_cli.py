@@ -1,0 +1,197 @@
+"""The `edgeprune` command line end to end on a tiny GPT-2 saved with save_pretrained (and a
+tokenizer trained in the tests): prune (one target in-process, a sweep in a subprocess),
+eval of the produced circuit in both file formats, draw, info, the tracr demo (few steps),
+and bad input: one clear message, exit code 2, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeprune_fast import cli, commands
+from edgeprune_fast.circuit import Circuit
+from edgeprune_fast.formats import load_circuit
+from tests.tasks._task_tokenizer import save_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LINES = [
+    ("When Mary and John went to the store, John gave a drink to<predict> Mary</predict>",
+     "When Mary and John went to the store, Paul gave a drink to Mary"),
+    ("When Lisa and Paul went to the store, Paul gave a drink to<predict> Lisa</predict>",
+     "When Lisa and Paul went to the store, Mary gave a drink to Lisa"),
+    ("When Anna and Mark went to the park, Mark gave a ball to<predict> Anna</predict>",
+     "When Anna and Mark went to the park, John gave a ball to Anna"),
+]
+N_EDGES = 46  # 2 layers, 2 heads, one embeds node: graph.n_edges_closed_form(2, 2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = save_tiny_model(root / "model")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"clean": c, "corrupted": k}) + "\n" for c, k in LINES))
+    return {"root": root, "model": model, "data": data}
+
+
+@pytest.fixture(scope="module")
+def pruned(files):
+    """One in-process `prune` run shared by the tests that read its outputs."""
+    out = files["root"] / "run"
+    code = cli.main(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--sparsity", "0.9",
+                     "--steps", "4", "--quiet", "--picture", "svg", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def run(argv, capsys):
+    """(exit code, stdout, stderr) of cli.main, argparse's SystemExit included."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_prune_writes_an_exact_circuit(pruned, files):
+    names = sorted(p.name for p in pruned.iterdir())
+    assert names == ["circuit.eap-ig.json", "circuit.json", "circuit.svg", "masks.safetensors"]
+    c = Circuit.load(pruned / "circuit.json")
+    assert c.n_edges_total == N_EDGES and c.n_edges == round(0.1 * N_EDGES)
+    assert c.config["discretisation"]["n_keep"] == c.n_edges
+    assert c.config["train"]["steps"] == 4 and c.config["task"] == str(files["data"])
+    for key in ("kl", "kl_empty", "metric_circuit", "metric_full", "metric_empty", "faithfulness"):
+        assert key in c.metrics
+    assert c.metrics["n_examples"] == len(LINES)
+    assert load_circuit(pruned / "circuit.eap-ig.json").edges == c.edges
+    assert "<svg" in (pruned / "circuit.svg").read_text()
+    assert not [p for p in pruned.parent.iterdir() if p.name.startswith(".run.")], "a staging folder was left behind"
+
+
+def test_eval_both_formats(pruned, files, capsys):
+    base = ["--model", str(files["model"]), "--data", str(files["data"])]
+    code, out, err = run(["eval", str(pruned / "circuit.json"), *base, "--out", str(files["root"] / "ev.json")],
+                         capsys)
+    assert code == 0, err
+    assert f"edges: {round(0.1 * N_EDGES)} of {N_EDGES}" in out and "faithfulness" in out
+    ours = Circuit.load(files["root"] / "ev.json")
+    code, out2, err = run(["eval", str(pruned / "circuit.eap-ig.json"), *base], capsys)
+    assert code == 0, err
+    assert out2.splitlines()[1:4] == out.splitlines()[1:4]  # same circuit, same numbers
+    assert ours.metrics["kl"] == pytest.approx(Circuit.load(pruned / "circuit.json").metrics["kl"], rel=1e-5)
+
+
+def test_draw_and_info(pruned, files, capsys):
+    out = files["root"] / "pic.png"
+    code, stdout, err = run(["draw", str(pruned / "circuit.eap-ig.json"), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    code, _, err = run(["draw", str(pruned / "circuit.json"), "--out", str(files["root"] / "pic.jpg")], capsys)
+    assert code == 2 and "expected a file name ending in .svg, .png, .pdf" in err
+    code, stdout, _ = run(["info"], capsys)
+    assert code == 0 and "torch" in stdout and "backend" in stdout
+
+
+def test_sweep_in_a_subprocess(files):
+    out = files["root"] / "sweep"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "edgeprune_fast.cli", "prune", "--model", str(files["model"]),
+                           "--data", str(files["data"]), "--sweep", "0.5", "0.95", "--steps", "2", "--quiet",
+                           "--picture", "none", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["n_edges"] for r in rows] == [round(0.5 * N_EDGES), round(0.05 * N_EDGES)]
+    assert (out / "kl_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    assert Circuit.load(out / "sparsity_0.5000" / "circuit.json").n_edges == 23
+
+
+def test_demo_few_steps(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--steps", "8", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "known circuit: 10 edges; matched" in stdout and "ROC AUC" in stdout
+    c = Circuit.load(out / "circuit.json")
+    assert c.n_edges_total == 77 and 0.0 <= c.metrics["auc"] <= 1.0
+    assert (out / "circuit.png").is_file() and (out / "ground_truth.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and len(summary["ground_truth"]) == 10
+
+
+def _unaligned(path: Path) -> Path:
+    path.write_text(json.dumps({"clean": LINES[0][0], "corrupted": LINES[0][1]}) + "\n"
+                    + json.dumps({"clean": LINES[1][0], "corrupted": "When Lisa went out, Mary gave a drink"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing model", "argument --model: '/no/such/model' does not exist"),
+    ("hub name", "is not a local folder, and models are not downloaded from the hub"),
+    ("empty jsonl", "is empty"),
+    ("malformed jsonl", "line 2: malformed JSON"),
+    ("missing jsonl", "--data: expected a JSONL file"),
+    ("unaligned jsonl", "line 2: clean and corrupted prompts must tokenise to the same length"),
+    ("sparsity 2", "argument --sparsity: expected a number in [0, 2), got 2.0"),
+    ("negative sweep", "argument --sweep: expected a number in [0, 2), got -0.1"),
+    ("zero steps", "argument --steps: expected an integer >= 1, got 0"),
+    ("unknown task", "task: expected one of"),
+])
+def test_bad_input(case, message, files, tmp_path, capsys):
+    model, data, out = str(files["model"]), str(files["data"]), tmp_path / "out"
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"clean": LINES[0][0], "corrupted": LINES[0][1]}) + "\n{oops\n")
+    argv = {
+        "missing model": ["--model", "/no/such/model", "--data", data],
+        "hub name": ["--model", "gpt2", "--data", data],
+        "empty jsonl": ["--model", model, "--data", str(tmp_path / "empty.jsonl")],
+        "malformed jsonl": ["--model", model, "--data", str(tmp_path / "bad.jsonl")],
+        "missing jsonl": ["--model", model, "--data", str(tmp_path / "none.jsonl")],
+        "unaligned jsonl": ["--model", model, "--data", str(_unaligned(tmp_path / "u.jsonl"))],
+        "sparsity 2": ["--model", model, "--data", data, "--sparsity", "2"],
+        "negative sweep": ["--model", model, "--data", data, "--sweep", "0.5", "-0.1"],
+        "zero steps": ["--model", model, "--data", data, "--steps", "0"],
+        "unknown task": ["--model", model, "--task", "nosuch"],
+    }[case]
+    code, stdout, err = run(["prune", *argv, "--steps", "2", "--quiet", "--out", str(out)]
+                            if case != "zero steps" else ["prune", *argv, "--quiet", "--out", str(out)], capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_nothing_half_written_on_failure(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+
+    def write_then_fail(folder, *args, **kwargs):
+        (folder / "circuit.json").write_text("{}")
+        raise ValueError("picture: simulated failure after a partial write")
+
+    monkeypatch.setattr(commands, "_write_circuit_files", write_then_fail)
+    code, _, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--steps", "2",
+                        "--quiet", "--out", str(out)], capsys)
+    assert code == 2 and "simulated failure" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+
+
+def test_out_folder_rules(tmp_path, capsys):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    with pytest.raises(cli.UsageError, match="has files in it"):
+        cli.check_out_folder(full)
+    with pytest.raises(cli.UsageError, match="has files in it"):  # not an earlier run's folder: never replaced
+        cli.check_out_folder(full, replace_previous=True)
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    (prev / "circuit.json").write_text("{}")
+    with cli.staged_output(prev, replace_previous=True) as stage:
+        (stage / "summary.json").write_text("{}")
+        assert (prev / "circuit.json").exists()  # the old run stays until the new one is complete
+    assert sorted(p.name for p in prev.iterdir()) == ["summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "prev"]
