@@ -158,3 +158,21 @@ def test_evaluate_matches_direct_forwards():
     full_m = evaluate(model, model.graph.edges(), batches, metric_fn=_accuracy)
     assert full_m["kl"] == pytest.approx(0.0, abs=1e-5)
     assert full_m["metric_circuit"] == full_m["metric_full"]
+
+
+def test_from_masks_masks_rule():
+    """sparsity=None keeps exactly the edges whose deterministic mask (and writer's) is non-zero."""
+    from edgeprune_fast.ops import hard_concrete
+
+    graph = Graph.build(2, 2)
+    masks = EdgeMasks(graph, node_masks=True)
+    with torch.no_grad():
+        for p in masks.edge_log_alpha:
+            p.copy_(torch.randn(p.shape) * 4)
+        masks.node_log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, 5.0, 5.0, 5.0, 5.0]))
+    c = Circuit.from_masks(masks, None)
+    z_edge = hard_concrete(masks.edge_scores(), training=False) > 0
+    z_node = (hard_concrete(masks.node_scores(), training=False) > 0)[masks.writer_index()]
+    expected = [(e.writer, e.reader) for e, k in zip(graph.edges(), (z_edge & z_node).tolist()) if k]
+    assert list(c.edges) == expected and 0 < len(expected) < graph.n_edges
+    assert not any(w == "a0.h0" for w, _ in c.edges)
