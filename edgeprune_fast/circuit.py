@@ -297,13 +297,16 @@ def faithfulness(metric_circuit: float, metric_full: float, metric_empty: float)
 
 @torch.no_grad()
 def evaluate(model, edges: Iterable[str | Sequence[str] | Edge], batches: Sequence, *,
-             loss_fn: Callable | None = None, metric_fn: Callable | None = None) -> dict[str, float]:
+             loss_fn: Callable | None = None, metric_fn: Callable | None = None,
+             metrics_fn: Callable | None = None) -> dict[str, Any]:
     """KL and metric of the binary circuit ``edges`` against the full model and the empty circuit.
 
     ``batches``: task batches (input_ids, corrupted_input_ids, attention_mask, target_mask, ...);
     ``loss_fn(circuit_logits, full_logits, batch)``: the divergence (default: KL at the target
     positions, tasks.base.kl_loss); ``metric_fn(logits, batch) -> [B]``: the task metric (None:
-    KL only). Averages are over examples (KL: weighted by each batch's number of examples)."""
+    KL only); ``metrics_fn(logits, batch) -> {name: [B]}``: every measure the task reports,
+    averaged into ``out["measures"][name] = {"circuit", "full", "empty"}``. Averages are over
+    examples (KL: weighted by each batch's number of examples)."""
     from .tasks.base import kl_loss
 
     loss_fn = loss_fn or kl_loss
@@ -311,6 +314,7 @@ def evaluate(model, edges: Iterable[str | Sequence[str] | Edge], batches: Sequen
     if len(batches) == 0:
         raise ValueError("batches: expected at least one evaluation batch, got none")
     sums = {"kl": 0.0, "kl_empty": 0.0, "metric_circuit": 0.0, "metric_full": 0.0, "metric_empty": 0.0}
+    measures: dict[str, dict[str, float]] = {}
     n = 0
     for batch in batches:
         full_logits, _ = model.reference(batch.input_ids, batch.attention_mask)
@@ -332,12 +336,19 @@ def evaluate(model, edges: Iterable[str | Sequence[str] | Edge], batches: Sequen
             sums["metric_circuit"] += float(metric_fn(circ, batch).float().sum())
             sums["metric_full"] += float(metric_fn(full_logits, batch).float().sum())
             sums["metric_empty"] += float(metric_fn(empty, batch).float().sum())
-    out = {k: v / n for k, v in sums.items()}
+        if metrics_fn is not None:
+            for which, logits in (("circuit", circ), ("full", full_logits), ("empty", empty)):
+                for name, v in metrics_fn(logits, batch).items():
+                    row = measures.setdefault(name, {"circuit": 0.0, "full": 0.0, "empty": 0.0})
+                    row[which] += float(v.float().sum())
+    out: dict[str, Any] = {k: v / n for k, v in sums.items()}
     if metric_fn is None:
         for k in ("metric_circuit", "metric_full", "metric_empty"):
             out.pop(k)
     else:
         out["faithfulness"] = faithfulness(out["metric_circuit"], out["metric_full"], out["metric_empty"])
+    if metrics_fn is not None:
+        out["measures"] = {name: {k: v / n for k, v in row.items()} for name, row in measures.items()}
     out["n_examples"] = n
     return out
 
@@ -351,7 +362,7 @@ def evaluate_circuit(model, circuit: Circuit, task, batches: Sequence | None = N
                          f"of a graph with {circuit.n_edges_total} edges")
     batches = task.batches(batch_size, split) if batches is None else batches
     m = evaluate(model, circuit.edge_list(), batches, loss_fn=getattr(task, "loss", None),
-                 metric_fn=getattr(task, "metric", None))
+                 metric_fn=getattr(task, "metric", None), metrics_fn=getattr(task, "metrics", None))
     m["metric_name"] = getattr(task, "metric_name", "metric")
     return circuit.with_metrics(m)
 

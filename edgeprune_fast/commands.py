@@ -98,6 +98,10 @@ def _print_metrics(circuit, out=None) -> None:
     if "metric_circuit" in m:
         print(f"  {name}: circuit {m['metric_circuit']:.4f}, full {m['metric_full']:.4f}, "
               f"empty {m['metric_empty']:.4f}; faithfulness {m['faithfulness']:.4f}", file=out)
+    for other, row in (m.get("measures") or {}).items():
+        if other != name:
+            print(f"  {other}: circuit {row['circuit']:.4f}, full {row['full']:.4f}, empty {row['empty']:.4f}",
+                  file=out)
 
 
 def _write_circuit_files(folder: Path, model, circuit, picture: str) -> list[Path]:

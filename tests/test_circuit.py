@@ -139,7 +139,8 @@ def test_evaluate_matches_direct_forwards():
     model = EdgePrunedModel.from_hf(tiny_gpt2())
     batches = [_batch(seed=1), _batch(B=2, seed=2)]
     edges = [e for i, e in enumerate(model.graph.edges()) if i % 3 == 0]
-    m = evaluate(model, edges, batches, metric_fn=_accuracy)
+    m = evaluate(model, edges, batches, metric_fn=_accuracy,
+                 metrics_fn=lambda logits, b: {"accuracy": _accuracy(logits, b), "zero": _accuracy(logits, b) * 0})
     kl, n, acc, acc_full = 0.0, 0, 0.0, 0.0
     for b in batches:
         full, _ = model.reference(b.input_ids)
@@ -154,6 +155,7 @@ def test_evaluate_matches_direct_forwards():
     assert m["kl"] == pytest.approx(kl / n, rel=1e-5)
     assert m["metric_circuit"] == pytest.approx(acc / n)
     assert m["metric_full"] == pytest.approx(acc_full / n)
+    assert m["measures"]["accuracy"]["circuit"] == m["metric_circuit"] and m["measures"]["zero"]["full"] == 0
     assert model.masks.circuit is None, "evaluate must restore the learned masks"
     full_m = evaluate(model, model.graph.edges(), batches, metric_fn=_accuracy)
     assert full_m["kl"] == pytest.approx(0.0, abs=1e-5)
