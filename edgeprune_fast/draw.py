@@ -116,8 +116,7 @@ def draw_circuit(edges: Iterable[Edge | Sequence[str]], path: str | Path, *, tit
 
 def _legend_label(title: str | None, drawn) -> str:
     legend = "edges into a head's input: q blue solid, k green dashed, v red dotted; other edges grey"
-    head = f"{title}\n" if title else ""
-    return f"{head}{len(drawn)} edges. {legend}"
+    return f"{title}\n{legend}" if title else f"{len(drawn)} edges. {legend}"
 
 
 def _graphviz(rows: list[list[str]], drawn, title: str | None):
