@@ -195,3 +195,12 @@ def test_out_folder_rules(tmp_path, capsys):
         assert (prev / "circuit.json").exists()  # the old run stays until the new one is complete
     assert sorted(p.name for p in prev.iterdir()) == ["summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "prev"]
+
+
+def test_plan_delegates(capsys):
+    pytest.importorskip("edgeprune_fast.plan")
+    code, stdout, err = run(["plan", "--layers", "2", "--heads", "2", "--d-model", "32", "--seq", "16"], capsys)
+    assert code == 0, err
+    assert "fits" in stdout
+    code, _, err = run(["plan"], capsys)  # the planner's own bad-input message, exit 2
+    assert code == 2 and "edgeprune plan: error: model: expected --model PATH" in err
