@@ -9,12 +9,15 @@ Discretisation (ARCHITECTURE.md §2). Inputs, in graph order (``Graph.edges()``)
 A writer is *kept* when its node log_alpha is above ``node_threshold`` (default 0: the
 deterministic node mask is above 1/2); an edge is a *candidate* only when its writer is
 kept. The target sparsity s gives the number of kept edges k = round((1 - s) * E)
-(clamped to [0, E]: targets in [1, 2) keep none). The threshold t is found by binary search
-over the sorted candidate scores (``torch.searchsorted``): the largest score such that at
-most k candidates lie strictly above it. Edges strictly above t are kept, and the ties at t
-are filled in graph order (earlier edge first) until exactly k are kept, so the count is
-always exact and the result deterministic. Fewer than k candidates is an error (the node
-masks removed too much), never a silently smaller circuit.
+(clamped to [0, E]: targets in [1, 2) keep none). The threshold t is the k-th largest
+candidate score: the candidate scores are sorted once, t is read at its rank, and a binary
+search on the sorted scores (``torch.searchsorted``) counts the candidates strictly above
+it. This is where a binary search on the threshold converges, found exactly: t is always
+one of the scores, whereas a bisection on floats can stop between tied or close scores
+and miss the count. Edges strictly above t are kept, and the ties at t are filled in graph
+order (earlier edge first) until exactly k are kept, so the count is always exact and the
+result deterministic. Fewer than k candidates is an error (the node masks removed too
+much), never a silently smaller circuit.
 
 Evaluation: the circuit is set on the model (every mask exactly 0 or 1, node masks
 ignored) and compared with the full model (the plain HF forward) and the empty circuit
