@@ -80,7 +80,7 @@ class EdgeMixFunction(torch.autograd.Function):
             if not ctx.needs_input_grad[2]:
                 g_clean = None
         if grad_z_eff is not None:
-            g_z = grad_z_eff.float() if g_z is None else g_z + grad_z_eff.float()
+            g_z = grad_z_eff.to(la_edge.dtype) if g_z is None else g_z + grad_z_eff.to(la_edge.dtype)
         if g_z is None:
             return (None,) * 10
         g_la_node = None
