@@ -28,7 +28,10 @@ def reexec_with_fixed_malloc() -> None:
     if all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
         return
     env = dict(os.environ, **MALLOC_ENV)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    # started with `python -m bench.x`: restart the same way, so package imports keep working
+    target = ["-m", spec.name] if spec is not None and spec.name else [sys.argv[0]]
+    os.execve(sys.executable, [sys.executable, *target, *sys.argv[1:]], env)
 
 
 def machine() -> dict:

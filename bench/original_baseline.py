@@ -44,7 +44,10 @@ class OriginalGPT2:
         for layer in range(self.L):
             self.readers += [f"a{layer}.h{h}.{c}" for c in "qkv" for h in range(self.H)] + [f"m{layer}"]
         self.readers.append("resid_post")
-        self._valid = {r: (torch.arange(self.W) < self.upstream(r)).float() for r in self.readers}
+        # per reader, 1 on its upstream slots; kept on the model's device (no copies per step)
+        dev = hf_model.device
+        self._valid = {r: (torch.arange(self.W, device=dev) < self.upstream(r)).float() for r in self.readers}
+        self.n_edges = sum(self.upstream(r) for r in self.readers)
 
     # -- masks ----------------------------------------------------------------------------
     def upstream(self, reader: str) -> int:
@@ -60,13 +63,13 @@ class OriginalGPT2:
         return self._valid[reader]
 
     def masks_from_edges(self, edges) -> dict[str, torch.Tensor]:
-        masks = {r: torch.zeros(self.W) for r in self.readers}
+        masks = {r: torch.zeros(self.W, device=self.hf.device) for r in self.readers}
         for w, r in edges:
             masks[r][self.slot[w]] = 1.0
         return masks
 
     def all_ones(self) -> dict[str, torch.Tensor]:
-        return {r: self.valid(r) for r in self.readers}
+        return dict(self._valid)
 
     def sample_masks(self, log_alphas: dict[str, torch.Tensor], node_log_alpha: torch.Tensor) -> dict:
         """Hard-concrete samples, one PyTorch op chain per mask tensor, noise drawn per call."""
@@ -78,7 +81,7 @@ class OriginalGPT2:
         z_node = sample(node_log_alpha)
         out = {}
         for r, la in log_alphas.items():
-            out[r] = sample(la) * z_node * self._valid[r].to(la.device)
+            out[r] = sample(la) * z_node * self._valid[r]
         return out
 
     # -- the disentangled forward ------------------------------------------------------
@@ -135,16 +138,15 @@ class OriginalGPT2:
         def p_keep(la):
             return torch.sigmoid(la - P.beta * P.log_ratio)
 
-        kept = sum((p_keep(la) * self._valid[r].to(la.device)).sum() for r, la in log_alphas.items())
-        n_edges = sum(float(v.sum()) for v in self._valid.values())
-        return 1 - kept / n_edges, 1 - p_keep(node_log_alpha).mean()
+        kept = sum((p_keep(la) * self._valid[r]).sum() for r, la in log_alphas.items())
+        return 1 - kept / self.n_edges, 1 - p_keep(node_log_alpha).mean()
 
     def step(self, input_ids, corrupted_ids, log_alphas, node_log_alpha, lambdas, target, optimizers):
         """One pruning step as the original runs it: two extra disentangled no-grad passes
         (full logits, corrupted states), the masked pass, KL + Lagrangian
         (lambdas [l1_e, l2_e, l1_n, l2_n], ARCHITECTURE.md §2), backward, optimiser steps
         (``optimizers``: the masks' and the lambdas' (maximize=True)). Returns the loss."""
-        ones = {k: v.to(input_ids.device) for k, v in self.all_ones().items()}
+        ones = self.all_ones()
         with torch.no_grad():
             _, corrupt = self.forward(corrupted_ids, ones)
             full_logits, _ = self.forward(input_ids, ones, None)

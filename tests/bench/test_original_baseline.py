@@ -31,7 +31,7 @@ def test_same_graph():
     assert base.W == ours.graph.n_writers
     # every edge of ours is an upstream (reader, writer slot) pair of the baseline, and vice versa
     n_valid = sum(int(base.valid(r).sum()) for r in base.readers)
-    assert n_valid == ours.graph.n_edges
+    assert n_valid == base.n_edges == ours.graph.n_edges
 
 
 @pytest.mark.parametrize("circuit", ["random", "all"])
