@@ -24,7 +24,9 @@ Graph (ARCHITECTURE.md §1): writers ``embeds`` (or ``tok_embeds``/``pos_embeds`
 ``a{l}.h{h}`` (z_h W_O[h] + b_O / H) and ``m{l}``; readers ``a{l}.h{h}.q/.k/.v``, ``m{l}``,
 ``resid_post``. ``TracrTransformer.forward_with_circuit`` recomputes every reader's input
 as the sum of its kept writers (removed edges give 0, or a given ablation value): the
-reference the edge-pruning machinery is tested against. The ground-truth file names the
+reference the edge-pruning machinery is tested against. ``tracr_adapter`` (registered in
+``adapters.ADAPTERS``) makes ``EdgePrunedModel.from_hf(load_tracr(...), ablation="zero")``
+work directly; tasks/tracr.py prunes with it. The ground-truth file names the
 split token writer ``token_embeds`` (Edge-Pruning's name); it is read as ``tok_embeds``.
 """
 
