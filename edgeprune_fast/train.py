@@ -192,7 +192,7 @@ class Trainer:
         self.device = edge_params[0].device
         self.step = 0
         self.history: list[dict] = []
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: dict[int, tuple[TaskBatch, torch.Tensor, torch.Tensor | None]] = {}
         self._rng = self._seeded_rng(config.seed)
 
         self.edge_lambdas = torch.zeros(2, device=self.device, requires_grad=True)
