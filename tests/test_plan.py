@@ -1,0 +1,96 @@
+"""The memory planner: its prediction against the measured CPU peak of one step, the 13B
+shape on one 80 GB GPU, the parameter count, bad input and the command-line entry."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from edgeprune_fast.plan import ModelShape, PlanSettings, add_arguments, plan, run
+
+ROOT = Path(__file__).resolve().parents[1]
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # as bench/common.py
+
+
+def _measure(point: dict) -> dict:
+    """One step in a fresh process (bench/scale_bench.py --one): VmHWM above the start."""
+    env = dict(os.environ, **MALLOC_ENV, EDGEPRUNE_BACKEND="reference", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "bench.scale_bench", "--threads", "1", "--one", json.dumps(point)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+POINTS = [  # Llama-shaped, GQA; (layers, heads, d_model, d_mlp, vocab, batch, seq, dtype, checkpointing)
+    (8, 8, 256, 640, 4096, 4, 32, "float32", False),  # peak at the resid_post read's backward
+    (4, 16, 512, 1344, 4096, 4, 32, "float32", True),  # one recomputed layer: the attention norm's backward
+    pytest.param((4, 8, 256, 640, 32000, 4, 32, "float32", False), marks=pytest.mark.slow),  # the loss
+    pytest.param((8, 8, 256, 640, 4096, 4, 32, "bfloat16", False), marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("point", POINTS, ids=lambda p: f"L{p[0]}-H{p[1]}-D{p[2]}-V{p[4]}-{p[7]}"
+                         f"{'-ckpt' if p[8] else ''}")
+def test_prediction_within_15_percent_of_measured_cpu_peak(point):
+    L, H, D, F, V, B, S, dtype, ckpt = point
+    row = _measure({"n_layers": L, "n_heads": H, "n_kv_heads": H // 2, "d_model": D, "d_mlp": F, "vocab": V,
+                    "batch": B, "seq": S, "dtype": dtype, "checkpoint_layers": ckpt})
+    print(f"measured {row['measured_bytes'] / 1e6:.1f} MB, predicted {row['predicted_step_bytes'] / 1e6:.1f} MB "
+          f"({row['predicted_phase']}), ratio {row['ratio']:.3f}")
+    assert row["edge_mix_backend"] == "reference"
+    assert row["measured_bytes"] > 10e6  # large enough to measure
+    assert 0.85 <= row["ratio"] <= 1.15
+
+
+def test_13b_fits_one_80gb_gpu_in_bf16_with_checkpointing():
+    cfg = LlamaConfig(num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40, hidden_size=5120,
+                      intermediate_size=13824, vocab_size=32000)
+    shape = ModelShape.from_hf_config(cfg)
+    assert 12.8e9 < shape.params() < 13.1e9  # CodeLlama/Llama-2-13B: 13.0 B
+    assert shape.params() == ModelShape(40, 40, 40, 5120, 13824, 32000).params()  # the formula agrees with HF
+    p = plan(shape, PlanSettings(batch=1, seq=64, dtype="bfloat16", checkpoint_layers=True))
+    print("\n" + p.table())
+    assert p.fits and p.peak_bytes < 80e9
+    groups = p.group_totals()
+    assert groups["weights"] == shape.params() * 2
+    assert groups["writer_states"] >= 3 * shape.n_writers * 64 * 5120 * 2  # buffer, its gradient, corrupted
+    # what the options change, each in the expected direction
+    plain = plan(shape, PlanSettings(batch=1, seq=64, dtype="bfloat16"))
+    assert plain.peak_bytes > p.peak_bytes
+    fp32 = plan(shape, PlanSettings(batch=1, seq=64, dtype="float32", checkpoint_layers=True))
+    assert fp32.peak_bytes > 1.9 * p.peak_bytes
+    offload = plan(shape, PlanSettings(batch=1, seq=64, dtype="bfloat16", checkpoint_layers=True,
+                                       corrupted_on_cpu=True))
+    assert offload.peak_bytes < p.peak_bytes and offload.host_bytes == shape.n_writers * 64 * 5120 * 2
+    sharded = plan(shape, PlanSettings(batch=1, seq=64, dtype="bfloat16", checkpoint_layers=True, n_gpus=8))
+    assert sharded.peak_bytes < p.peak_bytes - 20e9
+    assert not plan(shape, PlanSettings(batch=512, seq=512, dtype="bfloat16", checkpoint_layers=True)).fits
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="ModelShape.n_kv_heads"):
+        ModelShape(2, 4, 3, 32, 64, 100)
+    with pytest.raises(ValueError, match="batch"):
+        PlanSettings(batch=0, seq=8)
+    with pytest.raises(ValueError, match="dtype"):
+        PlanSettings(batch=1, seq=8, dtype="int8")
+    with pytest.raises(ValueError, match="model: expected a model directory"):
+        ModelShape.from_path("/nonexistent/model")
+
+
+def test_run_prints_the_table_and_reads_a_saved_config(tmp_path, capsys):
+    LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                intermediate_size=128, vocab_size=100).save_pretrained(tmp_path)
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    assert run(ap.parse_args(["--model", str(tmp_path / "config.json"), "--batch", "2", "--seq", "8"])) == 0
+    out = capsys.readouterr().out
+    assert "2 layers, 4 heads (2 KV)" in out and "fits in 80 GB" in out
+    assert run(ap.parse_args(["--layers", "40", "--heads", "40", "--d-model", "5120", "--d-mlp", "13824",
+                              "--dtype", "float32", "--batch", "64", "--seq", "512", "--json"])) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
