@@ -97,11 +97,13 @@ class EdgePrunedModel(nn.Module):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
+        # Frozen before the adapter takes its per-head weight views: views taken while the weights
+        # required grad would carry a grad_fn, and every backward would compute weight gradients
+        model.requires_grad_(False)
         adapter = adapter_for(model)  # NotImplementedError for unsupported models
         if split_embeds and adapter.embed_positions is None:
             raise ValueError(f"split_embeds: {adapter.architecture} has no absolute position embedding (positions "
                              f"enter through rotary), so it has one 'embeds' writer; expected split_embeds=False, got True")
-        model.requires_grad_(False)
         model.eval()
         self.hf = model
         self.adapter: Adapter = adapter
