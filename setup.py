@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
@@ -64,7 +64,9 @@ def extension():
 
 
 setup(
-    packages=find_packages(include=["edgeprune_fast", "edgeprune_fast.*"]) + ["edgeprune_fast.kernels"],
+    # namespace packages too, so that the data folders (no __init__.py) ship as package data
+    packages=find_namespace_packages(include=["edgeprune_fast", "edgeprune_fast.*"], exclude=["*.__pycache__"])
+    + ["edgeprune_fast.kernels"],
     package_dir={"edgeprune_fast.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
