@@ -63,11 +63,9 @@ def measure(fn, tensors, device, reps):
             t.grad = None
         fn()
 
-    seconds = median_time(run, warmup=1, reps=reps, device=device)
-    for t in tensors:
-        t.grad = None
-    with PeakMemory(device) as mem:
+    with PeakMemory(device) as mem:  # the warm-up run: its peak is every run's peak
         run()
+    seconds = median_time(run, warmup=0, reps=reps, device=device)
     return seconds, mem.peak_bytes
 
 
