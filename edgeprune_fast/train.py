@@ -167,7 +167,8 @@ class Trainer:
     """
 
     def __init__(self, model, task, batches: Sequence[TaskBatch], config: TrainConfig | None = None, *,
-                 out_dir: str | Path | None = None, evaluate: Callable[[Any], dict] | None = None) -> None:
+                 out_dir: str | Path | None = None, evaluate: Callable[[Any], dict] | None = None,
+                 data_parallel=None) -> None:
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
             raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
@@ -204,6 +205,11 @@ class Trainer:
         if config.target_node_sparsity is not None:
             groups.append({"params": [self.node_lambdas], "lr": config.lr_lambda, "maximize": True})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        # data_parallel: a distributed.DataParallel (each process its slice of every batch,
+        # gradients averaged, rank 0 writes the checkpoints), or None
+        self.data_parallel = data_parallel
+        if data_parallel is not None:
+            data_parallel.broadcast_parameters(edge_params + node_params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: linear_schedule(s, config.lr_warmup, config.steps))
 
@@ -243,7 +249,8 @@ class Trainer:
         """(batch on the model's device, full logits, corrupted writer states or None)."""
         if index in self._cache:
             return self._cache[index]
-        batch = self.batches[index].to(self.device)
+        batch = self.batches[index]
+        batch = (batch if self.data_parallel is None else self.data_parallel.shard(batch)).to(self.device)
         full_logits, _ = self.model.reference(batch.input_ids, batch.attention_mask)
         corrupted = None
         if self.model.ablation == "corrupted":
@@ -304,6 +311,9 @@ class Trainer:
                                     f"edge sparsity {row['edge_sparsity']:.4f}, lambdas {row['lambda_edge']})")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.data_parallel is not None:
+                self.data_parallel.all_reduce_gradients(
+                    [p for g in self.optimizer.param_groups for p in g["params"]], batch.target_mask.sum())
             self.optimizer_step()
             rng = self._capture_rng()
         self._rng = rng  # committed only once the step is applied
@@ -388,9 +398,11 @@ class Trainer:
         returns the safetensors path."""
         if self.out_dir is None:
             raise ValueError("out_dir: expected a directory for checkpoints, got None")
+        st, js = self.out_dir / f"{name}.safetensors", self.out_dir / f"{name}.json"
+        if self.data_parallel is not None and not self.data_parallel.is_main:
+            return st  # every process holds the same state: rank 0 writes it
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state()
-        st, js = self.out_dir / f"{name}.safetensors", self.out_dir / f"{name}.json"
         st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
         save_file(tensors, str(st_tmp), metadata={"format": "edgeprune_fast.trainer", "step": str(self.step)})
         js_tmp.write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,125 @@
+"""Data parallel over 2 processes (gloo, torch.multiprocessing) on a tiny Llama: the same
+masks after N steps as one process on the same global batches; every process holds the
+same state; rank 0's checkpoint resumes in one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from edgeprune_fast.distributed import DataParallel
+from edgeprune_fast.model import EdgePrunedModel
+from edgeprune_fast.tasks.base import Task, TaskBatch
+from edgeprune_fast.train import TrainConfig, Trainer
+from tests.models._tiny import VOCAB, tiny_model
+
+B, S, STEPS = 4, 6, 3
+
+
+class KLTask(Task):
+    name = "kl"
+
+
+def batches() -> list[TaskBatch]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(2):
+        target = torch.zeros(B, S, dtype=torch.bool)
+        target[:, -1] = True
+        target[2:, 1:4] = True  # the second half has more target positions: the average must be weighted
+        out.append(TaskBatch(torch.randint(3, VOCAB, (B, S), generator=g), torch.randint(3, VOCAB, (B, S), generator=g),
+                             None, target))
+    return out
+
+
+def trainer(dp: DataParallel | None, out_dir=None) -> Trainer:
+    model = EdgePrunedModel.from_hf(tiny_model("llama"), init=1.0, init_std=0.5)  # tiny_model seeds: same init
+    if dp is not None and dp.rank:
+        model.masks.reset(3.0, 1.0)  # another init on the other ranks: the trainer's broadcast must align them
+    config = TrainConfig(target_edge_sparsity=0.5, steps=STEPS, sparsity_warmup=2, lr_warmup=1, lr_edge=0.1,
+                         lr_node=0.1, lr_lambda=0.1, progress=False)
+    return Trainer(model, KLTask(), batches(), config, out_dir=out_dir, data_parallel=dp)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dp = DataParallel.from_env("gloo")
+    try:
+        t = trainer(dp, out_dir)
+        for _ in range(steps):
+            t.train_step()
+        t.save_checkpoint()
+        state = {k: v.contiguous() for k, v in t.model.mask_state_dict().items()}
+        state["adam.exp_avg_sq.0"] = t.optimizer.state[t.optimizer.param_groups[0]["params"][0]]["exp_avg_sq"]
+        save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dp.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    mp.spawn(_worker, args=(2, _free_port(), str(out), STEPS - 1), nprocs=2, join=True)
+    return out
+
+
+def test_two_processes_equal_one_process_on_the_global_batch(two_process_run):
+    torch.set_num_threads(1)
+    single = trainer(None)
+    for _ in range(STEPS - 1):
+        single.train_step()
+    ranks = [load_file(str(two_process_run / f"rank{r}.safetensors")) for r in range(2)]
+    for k in ranks[0]:  # every process holds the same state, bit for bit
+        torch.testing.assert_close(ranks[1][k], ranks[0][k], rtol=0, atol=0)
+    ref = single.model.mask_state_dict()
+    moved = 0.0
+    for k, v in ref.items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=1e-5, atol=1e-6)
+        moved = max(moved, float((v - trainer(None).model.mask_state_dict()[k]).abs().max()))
+    assert moved > 1e-3  # the masks did train
+    exp_avg_sq = single.optimizer.state[single.optimizer.param_groups[0]["params"][0]]["exp_avg_sq"]
+    torch.testing.assert_close(ranks[0]["adam.exp_avg_sq.0"], exp_avg_sq, rtol=1e-4, atol=1e-12)
+
+
+def test_checkpoint_written_once_resumes_in_one_process(two_process_run):
+    """Rank 0 wrote the checkpoint after STEPS - 1 steps on 2 processes; one process resumes
+    it for the last step and ends where an uninterrupted one-process run ends."""
+    torch.set_num_threads(1)
+    assert sorted(p.name for p in two_process_run.iterdir() if p.name.startswith("checkpoint")) == \
+        ["checkpoint.json", "checkpoint.safetensors"]
+    resumed = trainer(None)
+    resumed.load_checkpoint(two_process_run / "checkpoint")
+    resumed.train_step()
+    straight = trainer(None)
+    for _ in range(STEPS):
+        straight.train_step()
+    for k, v in straight.model.mask_state_dict().items():
+        torch.testing.assert_close(resumed.model.mask_state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_and_bad_input():
+    dp = DataParallel(rank=1, world_size=2, device=torch.device("cpu"))
+    b = batches()[0]
+    part = dp.shard(b)
+    assert torch.equal(part.input_ids, b.input_ids[2:]) and torch.equal(part.target_mask, b.target_mask[2:])
+    with pytest.raises(ValueError, match="divisible by the 2 processes"):
+        dp.rows(5)
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    try:
+        with pytest.raises(ValueError, match="torchrun"):
+            DataParallel.from_env()
+    finally:
+        os.environ.update(env)
