@@ -12,15 +12,16 @@
 //
 // How: the columns M are cut into tiles of T columns (about 256K elements of writer data,
 // 1 MB in fp32, 256 to 4096 columns: wide enough for BLAS to run at full speed on these
-// skinny products, small enough to stay in cache). For each tile the difference (clean - corrupt) and the column sums of
-// corrupt are formed once, in a small per-thread float32 buffer, and one matrix product
-// with the [R, W] masks (at::mm / at::addmm_, which is MKL's GEMM in PyTorch's builds)
-// gives the tile of x; backward does the same with grad_x. Nothing of size [R, W, M] or a
-// full [W, M] difference is ever made: peak extra memory is a few tile buffers per thread
-// plus 32 [R, W] partial sums. Tiles run in parallel on ATen's thread pool
-// (at::parallel_for, which is OpenMP in PyTorch's builds: inside it at::mm runs on one
-// thread). The masks are sampled once per call, at its start: with R * W at most a few
-// thousand entries, that is cheaper than re-sampling them in every tile.
+// skinny products, small enough to stay in cache). For each tile the difference
+// (clean - corrupt) and the column sums of corrupt are formed once, in a small per-thread
+// float32 buffer, and one matrix product with the [R, W] masks (at::mm / at::addmm_, MKL's
+// GEMM in PyTorch's builds) gives the tile of x; backward does the same with grad_x.
+// Nothing of size [R, W, M] or a full [W, M] difference is ever made: peak extra memory is
+// a few tile buffers per thread plus 32 [R, W] partial sums. Tiles run in parallel on
+// ATen's thread pool: at::parallel_for is an inline OpenMP region in PyTorch's builds,
+// compiled here with -fopenmp, so inside it at::mm runs on one thread. The masks are
+// sampled once per call, at its start: with R * W a few thousand entries, that is cheaper
+// than re-sampling them in every tile.
 //
 // Determinism: grad_z, the only reduction over M, is summed per chunk of tiles into its
 // own [R, W] partial, and the partials are added in chunk order; chunk boundaries depend
