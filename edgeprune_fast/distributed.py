@@ -16,16 +16,19 @@ of processes.
         trainer = Trainer(model.to(dp.device), task, batches, config, data_parallel=dp)
 
 Weights are replicated, not sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``,
-present in this torch): FSDP2 gathers a module's parameters in hooks around that
-module's ``forward`` and its backward, but the edge-pruned forward never calls an attention
-module's ``forward``: it reads per-head views of W_Q, W_K, W_V, W_O that the adapter takes
-once (adapters.py), and recomputes layers under activation checkpointing. After
-``fully_shard`` the module parameters become sharded DTensors; the adapter's views keep
-the old full tensors alive (no saving) and are never refreshed by the gathers. Sharding
-needs the forward to call ``FSDPModule.unshard()`` / ``reshard()`` per layer around the
-attention (and again in the recomputation and the backward) and rebuild the head views
-from the gathered parameters; that is not done yet. The memory planner's ``n_gpus``
-models that sharded layout (edgeprune_fast/plan.py).
+present in this torch). Tried on CPU/gloo with 2 processes on a tiny Llama (each decoder
+layer and the root wrapped, weights frozen): ``fully_shard`` works and turns every
+parameter into a sharded DTensor, but the edge-pruned forward then fails at its first op,
+``adapter.embed_tokens(ids)``: "aten.embedding.default got mixed torch.Tensor and DTensor".
+FSDP2 gathers a module's parameters in hooks around that module's ``forward`` (and its
+backward), and the edge-pruned forward never calls the root's or an attention module's
+``forward``: it calls the embedding, norms and MLPs as submodules and reads per-head views
+of W_Q, W_K, W_V, W_O that the adapter takes once (adapters.py), which after sharding are
+views of the DTensor shards, not of the gathered weights. Making it work needs, per layer,
+``FSDPModule.unshard()`` before the attention, head views rebuilt from the gathered
+parameters, ``reshard()`` after, and the same again in the checkpointed recomputation and
+the backward (whose input gradients need W); that is not done yet. The memory planner's
+``n_gpus`` models that sharded layout (edgeprune_fast/plan.py).
 """
 
 from __future__ import annotations
