@@ -160,7 +160,7 @@ def test_short_recovery_keeps_the_ground_truth(tmp_path, gt):
     log_alphas rank the ground truth almost perfectly (AUC >= 0.99; the full run gives 1)."""
     steps = TRACR_DEFAULTS.steps // 3
     r = prune_tracr(steps=steps, out_dir=tmp_path, progress=False)
-    assert r.steps == steps and len(r.history) == steps and r.settings.sparsity_warmup == 800
+    assert r.steps == steps and len(r.history) == steps and r.settings.sparsity_warmup == round(TRACR_DEFAULTS.sparsity_warmup / 3)
     assert set(gt.edges) <= set(r.edges) and len(r.edges) <= len(gt.edges) + 2, r.summary()
     assert r.accuracy == 1.0 and r.auc >= 0.99, r.summary()
     assert r.history[-1]["edge_sparsity"] > 0.8  # the pressure did prune: 77 -> ~11 edges
