@@ -17,20 +17,18 @@ start of the measured call, reset through /proc/self/clear_refs (bench/common.py
 ``PeakMemory``); glibc's mmap threshold is fixed so freed tensors return to the OS. The
 model's weights (~0.5 GB) are loaded before and are not part of the figure (the resident
 size before the measurements is reported as rss_before_gb). Results: bench/results/model_memory.json.
+Run from the repository root: ``python -m bench.model_memory``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import PeakMemory, _status_kb, machine, median_time, reexec_with_fixed_malloc, write_json  # noqa: E402
+from bench.common import PeakMemory, _status_kb, machine, median_time, reexec_with_fixed_malloc, write_json
 
 
 def main() -> None:
