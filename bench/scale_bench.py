@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.common import PeakMemory, machine, median_time, reexec_with_fixed_malloc, write_json
+from bench.common import RESULTS, PeakMemory, machine, median_time, reexec_with_fixed_malloc, write_json
 
 CPU_SWEEP = [  # (layers, heads, d_model): depth, then width
     (2, 8, 256), (4, 8, 256), (8, 8, 256), (12, 8, 256),
@@ -60,10 +60,14 @@ def build(point: dict, device: str):
                       num_key_value_heads=point["n_kv_heads"], hidden_size=point["d_model"],
                       intermediate_size=point["d_mlp"], vocab_size=point["vocab"],
                       max_position_embeddings=max(128, point["seq"]))
-    dtype = getattr(torch, point["dtype"])
+    dtype, default = getattr(torch, point["dtype"]), torch.get_default_dtype()
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = LlamaForCausalLM(cfg).to(dtype).eval()
+    torch.set_default_dtype(dtype)  # built in the model dtype, on the device: no float32 copy of a large model
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
     pruned = EdgePrunedModel.from_hf(hf, checkpoint_layers=point.get("checkpoint_layers", False),
                                      corrupted_on_cpu=point.get("corrupted_on_cpu", False)).train()
     return cfg, pruned
@@ -129,12 +133,16 @@ def cpu_sweep(args) -> None:
         for ckpt in (False, True):
             point = {**llama_shape(layers, heads, d, args.vocab), "batch": args.batch, "seq": args.seq,
                      "dtype": "float32", "checkpoint_layers": ckpt}
-            row = _subprocess(point)
+            row = _subprocess(point, args.threads)
             rows.append(row)
             print(f"L{layers} H{heads} D{d} ckpt={ckpt}: {row['n_params'] / 1e6:.1f} M params, measured "
                   f"{row['measured_bytes'] / 1e6:.1f} MB, predicted {row['predicted_step_bytes'] / 1e6:.1f} MB "
                   f"(ratio {row['ratio']:.3f}, {row['predicted_phase']})", flush=True)
+    from edgeprune_fast.ops import backends
+
     payload = {"benchmark": "scale_cpu", "what": __doc__.split("\n")[0], "device": "cpu",
+               "edge_mix_backend": backends.choose("edge_mix", [torch.zeros(1, 1)]).name,
+               "batch": args.batch, "seq": args.seq, "vocab": args.vocab, "torch_threads": args.threads or "default",
                "memory_method": "VmHWM above VmRSS at the start of the step, MALLOC_MMAP_THRESHOLD_=65536, "
                                 "one process per point", "rows": rows, "machine": machine(),
                "timestamp": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -143,7 +151,7 @@ def cpu_sweep(args) -> None:
     plot(rows, path.with_suffix(".png"))
 
 
-def _subprocess(point: dict) -> dict:
+def _subprocess(point: dict, threads: int) -> dict:
     """Each point in a fresh process: no allocator state carried between points."""
     import os
     import subprocess
@@ -151,30 +159,36 @@ def _subprocess(point: dict) -> dict:
     from bench.common import MALLOC_ENV
 
     env = dict(os.environ, **MALLOC_ENV)
-    out = subprocess.run([sys.executable, "-m", "bench.scale_bench", "--one", json.dumps(point)], env=env,
+    cmd = [sys.executable, "-m", "bench.scale_bench", "--threads", str(threads), "--one", json.dumps(point)]
+    out = subprocess.run(cmd, env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def plot(rows: list[dict], path) -> None:
+    """Measured against predicted, one point per model (the diagonal: exact; the band: 15 %)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    hi = max(max(r["measured_bytes"], r["predicted_step_bytes"]) for r in rows) / 1e6 * 1.2
+    lo = min(min(r["measured_bytes"], r["predicted_step_bytes"]) for r in rows) / 1e6 / 1.2
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="measured = predicted")
+    ax.fill_between([lo, hi], [lo / 1.15, hi / 1.15], [lo * 1.15, hi * 1.15], color="0.9", label="within 15 %")
     for ckpt, marker in ((False, "o"), (True, "s")):
-        rs = sorted((r for r in rows if r["checkpoint_layers"] == ckpt), key=lambda r: r["n_params"])
-        x = [r["n_params"] / 1e6 for r in rs]
-        label = "checkpointed" if ckpt else "plain"
-        ax.plot(x, [r["measured_bytes"] / 1e6 for r in rs], marker, label=f"measured, {label}")
-        ax.plot(x, [r["predicted_step_bytes"] / 1e6 for r in rs], marker + "--", mfc="none",
-                label=f"planner, {label}")
+        rs = [r for r in rows if r["checkpoint_layers"] == ckpt]
+        ax.scatter([r["predicted_step_bytes"] / 1e6 for r in rs], [r["measured_bytes"] / 1e6 for r in rs],
+                   marker=marker, label="checkpointed layers" if ckpt else "plain", zorder=3)
+        for r in rs:
+            ax.annotate(f"L{r['n_layers']} D{r['d_model']}", (r["predicted_step_bytes"] / 1e6, r["measured_bytes"] / 1e6),
+                        fontsize=6, xytext=(3, -8), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("peak memory of one step above its start (MB)")
-    ax.set_title("Llama-shaped random models, CPU fp32")
+    ax.set_xlabel("planner's prediction (MB)")
+    ax.set_ylabel("measured peak of one step above its start (MB)")
+    ax.set_title("Llama-shaped random models, CPU fp32, batch 4 x seq 32")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -185,14 +199,13 @@ def cuda_sweep(args) -> None:
     """The largest Llama shape whose step fits the GPU, growing depth at 40 heads x 5120."""
     total = torch.cuda.get_device_properties(0).total_memory
     rows = []
-    for layers in (8, 16, 24, 32, 40, 48, 60, 80):
-        point = {**llama_shape(layers, 40, 5120, 32000), "d_mlp": 13824, "batch": 1, "seq": 64, "dtype": "bfloat16",
-                 "checkpoint_layers": True, "device_gb": total / 1e9}
-        from transformers import LlamaConfig
+    from transformers import LlamaConfig
 
+    for layers in (8, 16, 24, 32, 40, 48, 60, 80):  # 40 layers: the 13B shape
+        point = {"n_layers": layers, "n_heads": 40, "n_kv_heads": 40, "d_model": 5120, "d_mlp": 13824, "vocab": 32000,
+                 "batch": 1, "seq": 64, "dtype": "bfloat16", "checkpoint_layers": True, "device_gb": total / 1e9}
         cfg = LlamaConfig(num_hidden_layers=layers, num_attention_heads=40, num_key_value_heads=40,
                           hidden_size=5120, intermediate_size=13824, vocab_size=32000)
-        point["n_kv_heads"] = 40
         p, _ = prediction(cfg, point, "cuda")
         if not p.fits:
             rows.append({**point, "predicted_peak_bytes": p.peak_bytes, "skipped": "the planner says it does not fit"})
@@ -218,7 +231,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--plot", action="store_true", help="redraw the PNG from bench/results/scale_cpu.json")
     args = ap.parse_args()
+    if args.plot:
+        path = RESULTS / "scale_cpu.json"
+        plot(json.loads(path.read_text())["rows"], path.with_suffix(".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:

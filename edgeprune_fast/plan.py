@@ -214,6 +214,9 @@ class MemoryPlan:
         lines.append(f"{'peak (' + self.peak_phase + ')':<44}{self.peak_bytes / GB:>10.3f}")
         if self.host_bytes:
             lines.append(f"{'host memory (corrupted states)':<44}{self.host_bytes / GB:>10.3f}")
+        if s.n_gpus > 1:
+            lines.append("note: weights sharded by FSDP over the devices, as planned; edgeprune_fast.distributed "
+                         "replicates them today (see its docstring): the 1-device weight figure applies")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {s.device_gb:g} GB ({100 * self.peak_bytes / (s.device_gb * GB):.0f} %)")
         return "\n".join(lines)
