@@ -326,17 +326,19 @@ class EdgePrunedModel(nn.Module):
             if not isinstance(corrupted_writers, torch.Tensor) or tuple(corrupted_writers.shape) != (W, B, S, D):
                 raise ValueError(f"corrupted_writers: expected the corrupted run's writer states [{W}, {B}, {S}, {D}] "
                                  f"(from reference(corrupted_input_ids)[1]), got {_describe(corrupted_writers)}")
-            return self._place_corrupted(corrupted_writers.detach())
+            return self.place_corrupted_writers(corrupted_writers.detach())
         if corrupted_input_ids is None:
             raise ValueError("corrupted_input_ids: required under ablation='corrupted' (or pass corrupted_writers, "
                              "e.g. reference(corrupted_input_ids)[1]), got None")
         cids = self._check_ids("corrupted_input_ids", corrupted_input_ids, like=ids)
         cmask = self._check_attention_mask("corrupted_attention_mask", corrupted_attention_mask, ids.shape)
-        return self._place_corrupted(capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1])
+        return self.place_corrupted_writers(capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1])
 
-    def _place_corrupted(self, states: torch.Tensor) -> torch.Tensor:
-        """Corrupted states in the model dtype, on the device or (corrupted_on_cpu) in host
-        memory, pinned under CUDA so that the per-read copies can overlap compute."""
+    def place_corrupted_writers(self, states: torch.Tensor) -> torch.Tensor:
+        """Corrupted states [W, B, S, D] where the forward keeps them: in the model dtype, on the
+        device, or (corrupted_on_cpu) in host memory, pinned under CUDA so that the per-read
+        copies can overlap compute. Call it once on cached states (the Trainer does), so that
+        no device copy is cached and each forward finds them in place."""
         a = self.adapter
         if not self.corrupted_on_cpu:
             return states.to(a.device, a.dtype)

@@ -90,9 +90,36 @@ def test_corrupted_states_streamed_from_cpu(checkpoint_layers):
     b.load_mask_state_dict(a.mask_state_dict())
     target = a.reference(ids)[0].log_softmax(-1)
     corrupted = a.reference(cids)[1]
-    assert b._place_corrupted(corrupted).device.type == "cpu"
+    assert b.place_corrupted_writers(corrupted).device.type == "cpu"
     out_a, loss_a, g_a = _step(a, ids, cids, target, seed=3)
     out_b, loss_b, g_b = _step(b, ids, cids, target, seed=3)
     torch.testing.assert_close(out_b.logits, out_a.logits, rtol=0, atol=0)
     for x, y in zip(g_b, g_a):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_trainer_with_checkpointing_and_offload_takes_the_same_steps():
+    """End to end through the Trainer: checkpointed layers and corrupted states kept on the
+    CPU (placed once, when the trainer caches them) train the same masks as the plain model."""
+    from edgeprune_fast.tasks.base import Task, TaskBatch
+    from edgeprune_fast.train import TrainConfig, Trainer
+
+    class KL(Task):
+        name = "kl"
+
+    g = torch.Generator().manual_seed(3)
+    target = torch.zeros(2, 6, dtype=torch.bool)
+    target[:, -2:] = True
+    batches = [TaskBatch(torch.randint(3, VOCAB, (2, 6), generator=g), torch.randint(3, VOCAB, (2, 6), generator=g),
+                         None, target) for _ in range(2)]
+    config = TrainConfig(target_edge_sparsity=0.5, steps=3, sparsity_warmup=2, lr_warmup=1, lr_edge=0.1, lr_node=0.1,
+                         lr_lambda=0.1, progress=False)
+    masks = []
+    for kwargs in ({}, {"checkpoint_layers": True, "corrupted_on_cpu": True}):
+        model = EdgePrunedModel.from_hf(tiny_model("llama"), init=1.0, init_std=0.5, **kwargs)
+        trainer = Trainer(model, KL(), batches, config)
+        trainer.run()
+        assert trainer._cache and all(c.device.type == "cpu" for _, _, c in trainer._cache.values())
+        masks.append(model.mask_state_dict())
+    for k, v in masks[0].items():
+        torch.testing.assert_close(masks[1][k], v, rtol=1e-6, atol=1e-6)
