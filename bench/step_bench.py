@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python -m bench.step_bench            # CPU, full growth sweep (< 10 min on 2 cores)
-    python -m bench.step_bench --quick    # CPU, two small points (< 2 min)
+    python -m bench.step_bench            # CPU, full growth sweep (meant for < 10 min on 2 quiet cores)
+    python -m bench.step_bench --quick    # CPU, two small points (< 3 min even on a loaded machine)
     python -m bench.step_bench --device cuda --dtype bfloat16 --batch 32 --seq 64
 
 Model: GPT2Config() width (12 heads, d_model 768, vocab 50257) with random weights and
