@@ -65,6 +65,7 @@ import csv
 import gc
 import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -433,11 +434,7 @@ def main() -> None:
     stem = args.out or f"step_{args.device}" + ("_quick" if args.quick else "")
     pts = points(args)
     at = (12, 8) if any((p.n_layer, p.batch) == (12, 8) for p in pts) else (pts[-1].n_layer, pts[-1].batch)
-    cmd = "python -m bench.step_bench" + (" --quick" if args.quick else "") + (
-        " --default-malloc" if args.default_malloc else "") + (
-        f" --backend {args.backend}" if args.backend else "") + (
-        f" --device {args.device} --dtype {args.dtype} --batch {pts[0].batch} --seq {args.seq}"
-        if args.device == "cuda" or args.batch is not None else "")
+    cmd = "python -m bench.step_bench " + " ".join(sys.argv[1:])  # exactly as run
     payload = {
         "benchmark": "step_bench",
         "what": "one full edge-pruning step (reference passes + masked forward + KL/Lagrangian + backward + "
