@@ -1,7 +1,16 @@
 """Shared test settings: deterministic seeds and small helpers."""
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter must be on before anything first imports triton (a library a test
+    # module imports may do so during collection): set it here, so the Triton tests run on the
+    # CPU whatever the collection order. The automatic backend choice never picks the
+    # interpreter, so the other tests are unaffected.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
