@@ -11,14 +11,19 @@ triton; the kernels are compiled for CUDA, or interpreted on the CPU when TRITON
 was set when this package is imported (`triton.jit` reads it then; see `interpreted`).
 """
 
-from .edge_mix import edge_mix_forward, mix_backward, mix_forward
-from .hard_concrete import _hard_concrete_fwd_kernel, hard_concrete_backward, hard_concrete_forward
+if __name__ == "edgeprune_fast.kernels":
+    from .edge_mix import edge_mix_forward, mix_backward, mix_forward
+    from .hard_concrete import _hard_concrete_fwd_kernel, hard_concrete_backward, hard_concrete_forward
 
+    def interpreted() -> bool:
+        """True when the kernels were built by Triton's interpreter (they then run on CPU tensors)."""
+        return type(_hard_concrete_fwd_kernel).__name__ == "InterpretedFunction"
 
-def interpreted() -> bool:
-    """True when the kernels were built by Triton's interpreter (they then run on CPU tensors)."""
-    return type(_hard_concrete_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-__all__ = ["edge_mix_forward", "hard_concrete_backward", "hard_concrete_forward", "interpreted", "mix_backward",
-           "mix_forward"]
+    __all__ = ["edge_mix_forward", "hard_concrete_backward", "hard_concrete_forward", "interpreted", "mix_backward",
+               "mix_forward"]
+else:
+    # Imported as a top-level `kernels`: the checkout's root is on sys.path (python started in it,
+    # or pytest's pythonpath). Hugging Face's `kernels` package has that name and transformers
+    # probes for it by importing it; stay an empty module without a version, so the probe finds
+    # no hub kernels and Triton is not imported behind the package's back.
+    __all__ = []
