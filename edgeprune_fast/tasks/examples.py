@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .base import Task, TaskBatch
+from .base import Task, TaskBatch, pair_logit_diff, top1_accuracy
 
 Extra = int | float | tuple[int, ...] | tuple[float, ...]
 
@@ -224,6 +224,20 @@ class ExampleTask(Task):
         if not exs:
             raise ValueError(f"split: {split!r} of task {self.name!r} has no examples")
         return [collate(exs[i:i + batch_size], self.pad_id, self.candidates) for i in range(0, len(exs), batch_size)]
+
+
+class LogitDiffTask(ExampleTask):
+    """An ExampleTask scored by logit(label) - logit(extras[contrast_key]) at the target
+    position (IOI: the subject; gendered pronouns: the other pronoun), with top-1 accuracy."""
+
+    metric_name = "logit_diff"
+    contrast_key: str
+
+    def metric(self, logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        return pair_logit_diff(logits, batch, self.contrast_key)
+
+    def metrics(self, logits: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
+        return {"logit_diff": self.metric(logits, batch), "accuracy": top1_accuracy(logits, batch)}
 
 
 TASK_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"

@@ -25,25 +25,17 @@ import random
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
-from .base import TaskBatch, pair_logit_diff, top1_accuracy
-from .examples import Example, ExampleTask, TextEncoder, distinct_examples, load_task_data, split_sizes
+from .examples import Example, LogitDiffTask, TextEncoder, distinct_examples, load_task_data, split_sizes
 
 CORRUPTIONS = ("opposite", "neutral")
 GENDERS = ("male", "female")
 
 
-class GenderedPronounsTask(ExampleTask):
+class GenderedPronounsTask(LogitDiffTask):
+    """Metric: logit(correct pronoun) - logit(other pronoun) at the target position, per example; also top-1 accuracy."""
+
     name = "gendered-pronouns"
-    metric_name = "logit_diff"
-
-    def metric(self, logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
-        """logit(correct pronoun) - logit(other pronoun) at the target position: [B]."""
-        return pair_logit_diff(logits, batch, "other_id")
-
-    def metrics(self, logits: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        return {"logit_diff": self.metric(logits, batch), "accuracy": top1_accuracy(logits, batch)}
+    contrast_key = "other_id"
 
 
 def make_gendered_pronouns(tokenizer, *, n_examples: int = 256, n_validation: int | None = None, seed: int = 0,

@@ -25,12 +25,9 @@ import random
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
-from .base import TaskBatch, pair_logit_diff, top1_accuracy
 from .examples import (
     Example,
-    ExampleTask,
+    LogitDiffTask,
     TextEncoder,
     distinct_examples,
     load_task_data,
@@ -41,16 +38,11 @@ FIELDS = ("IO", "S1", "S2", "PLACE", "OBJECT")
 MIN_NAMES = 5
 
 
-class IOITask(ExampleTask):
+class IOITask(LogitDiffTask):
+    """Metric: logit(IO) - logit(S) at the target position, per example; also top-1 accuracy."""
+
     name = "ioi"
-    metric_name = "logit_diff"
-
-    def metric(self, logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
-        """logit(IO) - logit(S) at the target position: [B]."""
-        return pair_logit_diff(logits, batch, "s_id")
-
-    def metrics(self, logits: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
-        return {"logit_diff": self.metric(logits, batch), "accuracy": top1_accuracy(logits, batch)}
+    contrast_key = "s_id"
 
 
 def single_token_names(encoder: TextEncoder, names: list[str], context: str = "When") -> list[str]:
