@@ -269,14 +269,18 @@ class Circuit:
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
         """Our JSON circuit file (for EAP-IG/MIB files see formats.load_circuit)."""
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"circuit: expected a circuit JSON file, got {str(p)!r} (no such file)")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"circuit: {str(p)!r} is not valid JSON ({exc})") from None
-        return cls.from_dict(d, source=f"circuit {str(p)!r}")
+        return cls.from_dict(read_circuit_json(path), source=f"circuit {str(path)!r}")
+
+
+def read_circuit_json(path: str | Path) -> dict:
+    """The parsed JSON of a circuit file, in either format; ValueError naming a missing or invalid file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"circuit: expected a circuit JSON file, got {str(p)!r} (no such file)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"circuit: {str(p)!r} is not valid JSON ({exc})") from None
 
 
 # -- evaluation -----------------------------------------------------------------------------------

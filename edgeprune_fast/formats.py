@@ -47,7 +47,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .circuit import Circuit
+from .circuit import Circuit, read_circuit_json
 from .graph import EMBEDS, POS_EMBEDS, RESID_POST, TOK_EMBEDS, Edge, Graph
 
 INPUT, LOGITS = "input", "logits"
@@ -199,12 +199,7 @@ def read_eap_ig(d: Mapping[str, Any], graph: Graph | None = None, *,
 def load_circuit(path: str | Path, graph: Graph | None = None) -> Circuit:
     """A circuit file in either format: ours (edgeprune_fast.circuit) or EAP-IG/MIB's graph JSON."""
     p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"circuit: expected a circuit JSON file, got {str(p)!r} (no such file)")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"circuit: {str(p)!r} is not valid JSON ({exc})") from None
+    d = read_circuit_json(p)
     if is_eap_ig(d):
         g, edges, _ = read_eap_ig(d, graph)
         return Circuit.from_edges(g, edges, config={"source": str(p), "source_format": "eap-ig"})

@@ -19,6 +19,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add synchronisation (much slower on busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def uniforms(*shape: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """U(0.01, 0.99) noise: keeps test samples away from the clamp edges' measure-zero kinks."""
     return 0.01 + 0.98 * torch.rand(*shape, generator=generator)

@@ -25,14 +25,7 @@ from edgeprune_fast.tasks.tracr import (
 )
 from edgeprune_fast.tracr import TRACR_DATA_DIR, load_ground_truth
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """tracr models are tiny: intra-op threads only add synchronisation."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from tests.models._tiny import VOCAB, tiny_model
 B, S = 4, 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (much slower on busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class KLTask(Task):
