@@ -126,10 +126,22 @@ def embedding_writers(adapter: Adapter, input_ids: torch.Tensor, position_ids: t
     return torch.stack([tok, pos]) if split_embeds else (tok + pos)[None]
 
 
-def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None) -> torch.Tensor:
-    """z [B, H, S, dv] or [B, S, H, dv] given as 'bhsd' -> writers [H, B, S, D] = z_h W_O[h] + b_O / H."""
-    y = torch.einsum("bhse,hed->hbsd", z, W_O)
-    return y if b_O is None else y + b_O / W_O.shape[0]
+def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """z [B, H, S, dv] (any strides) -> writers [H, B, S, D] = z_h W_O[h] + b_O / H.
+
+    One batched product per head with the bias as its starting value (baddbmm): no separate
+    bias pass over the [H, B, S, D] result. ``out`` (no autograd): a contiguous [H, B, S, D]
+    tensor to write into, e.g. the capture's states, so the writers are never copied."""
+    B, H, S, dv = z.shape
+    D = W_O.shape[-1]
+    zh = z.transpose(0, 1).reshape(H, B * S, dv)  # a small copy ([B, S, H*dv] elements)
+    if b_O is None:
+        y = torch.bmm(zh, W_O, out=None if out is None else out.view(H, B * S, D))
+    else:
+        bias = (b_O / H).expand(H, 1, D)
+        y = torch.baddbmm(bias, zh, W_O, out=None if out is None else out.view(H, B * S, D))
+    return y.view(H, B, S, D)
 
 
 @torch.no_grad()
@@ -152,7 +164,7 @@ def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tenso
         def z_hook(module, args, first=first, H=H, spec=spec):
             z = args[0]  # [B, S, H*dv], the heads concatenated
             z = z.view(*z.shape[:-1], H, -1).transpose(1, 2)
-            states[first:first + H] = head_writers(z, spec.W_O, spec.b_O)
+            head_writers(z, spec.W_O, spec.b_O, out=states[first:first + H])
 
         def mlp_hook(module, args, output, slot=mlp_slot):
             states[slot] = output[0] if isinstance(output, tuple) else output
