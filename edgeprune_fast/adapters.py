@@ -60,7 +60,10 @@ class LayerSpec:
     attn_norm / mlp_norm: applied to each attention reader's / the MLP reader's input
     (nn.Identity() for none); mlp: [.., D] -> [.., D]; scale: softmax(scale * q k^T);
     o_proj: the module whose input is z [B, S, H*dv] (heads concatenated), for the
-    reference capture (None when the adapter supplies ``reference_fn``)."""
+    reference capture (None when the adapter supplies ``reference_fn``).
+    W_QKV [H + 2K, D, dh], b_QKV [H + 2K, dh] or None: optional, W_Q | W_K | W_V as one view
+    where the model stores them so (GPT-2's fused c_attn; dh == dv), so that the attention
+    readers' projections are one batched product (no split, no concatenated gradient)."""
 
     attn_norm: nn.Module
     mlp_norm: nn.Module
@@ -75,6 +78,8 @@ class LayerSpec:
     mlp: nn.Module
     scale: float
     o_proj: nn.Module | None
+    W_QKV: torch.Tensor | None = None
+    b_QKV: torch.Tensor | None = None
 
     @property
     def n_heads(self) -> int:
@@ -164,7 +169,8 @@ def gpt2_adapter(model: nn.Module) -> Adapter:
             attn_norm=block.ln_1, mlp_norm=block.ln_2,
             W_Q=heads[0], b_Q=biases[0], W_K=heads[1], b_K=biases[1], W_V=heads[2], b_V=biases[2],
             W_O=at.c_proj.weight.view(H, D // H, D), b_O=at.c_proj.bias,
-            mlp=block.mlp, scale=float(at.scaling), o_proj=at.c_proj))
+            mlp=block.mlp, scale=float(at.scaling), o_proj=at.c_proj,
+            W_QKV=w.view(D, 3 * H, D // H).transpose(0, 1), b_QKV=b.view(3 * H, D // H)))
     return Adapter(
         architecture="GPT2LMHeadModel", model=model, layers=tuple(layers), d_model=D, n_ctx=cfg.n_positions,
         embed_tokens=tr.wte, embed_positions=tr.wpe, rotary=None, apply_rotary=None,

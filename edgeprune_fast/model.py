@@ -448,13 +448,18 @@ class EdgePrunedModel(nn.Module):
         """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]."""
         H, K = spec.n_heads, spec.n_kv_heads
         h = spec.attn_norm(x)
+        n, B, S, D = h.shape
 
-        def project(part, W, b):  # [n, B, S, D] @ [n, D, d] -> [B, n, S, d]
-            y = torch.einsum("nbsd,nde->bnse", part, W)
-            return y if b is None else y + b[None, :, None, :]
+        def project(part, W, b):  # [n, B, S, D] @ [n, D, d] -> [B, n, S, d], the bias as the product's start
+            part = part.reshape(part.shape[0], B * S, D)
+            y = torch.bmm(part, W) if b is None else torch.baddbmm(b[:, None, :], part, W)
+            return y.view(-1, B, S, W.shape[-1]).transpose(0, 1)
 
-        hq, hk, hv = h.split([H, K, K])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
-        q, k, v = project(hq, spec.W_Q, spec.b_Q), project(hk, spec.W_K, spec.b_K), project(hv, spec.W_V, spec.b_V)
+        if spec.W_QKV is not None:  # one product for all H + 2K readers; h's gradient comes out whole
+            q, k, v = project(h, spec.W_QKV, spec.b_QKV).split([H, K, K], dim=1)
+        else:
+            hq, hk, hv = h.split([H, K, K])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
+            q, k, v = project(hq, spec.W_Q, spec.b_Q), project(hk, spec.W_K, spec.b_K), project(hv, spec.W_V, spec.b_V)
         if rope is not None:
             q, k = self.adapter.apply_rotary(q, k, *rope)
         if K != H:
