@@ -9,7 +9,8 @@ them, never a copy. Two autograd Functions make this differentiable:
     view   = ReadSlots(token, n)                        buffer[:n]
 
 ``token`` is a zero-size tensor threaded through every write and read. Backward:
-ReadSlots adds its incoming gradient into a gradient buffer ``G[:n]`` in place, and
+ReadSlots adds its incoming gradient into a gradient buffer ``G[:n]`` in place (the first
+to run starts G with it), and
 WriteSlots returns ``G[slot:slot+k]`` as y's gradient. The token chain orders backward
 correctly: every read of slot s happens after the write of s, so it holds a token derived
 from the write's token, and autograd runs a node's backward only after all nodes that
@@ -94,10 +95,13 @@ class ReadSlots(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        store = ctx.store
-        if store.grad is None:
-            store.grad = torch.zeros_like(store.buffer)
-        store.grad[:ctx.n] += g
+        store, n = ctx.store, ctx.n
+        if store.grad is None:  # the first read to run backward: its gradient starts G (one pass, no zero fill + add)
+            store.grad = torch.empty_like(store.buffer)
+            store.grad[:n].copy_(g)
+            store.grad[n:].zero_()
+        else:
+            store.grad[:n] += g
         dtype, device = ctx.token_like
         return torch.empty(0, dtype=dtype, device=device), None, None
 
