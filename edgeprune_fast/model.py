@@ -280,14 +280,19 @@ class EdgePrunedModel(nn.Module):
     # -- reference (unmodified model) ---------------------------------------------------------------
     @torch.no_grad()
     def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  position_ids: torch.Tensor | None = None, states: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [B, S, V], writer states [W, B, S, D] in ``graph.writers`` order) from one
         plain no-grad forward of the unmodified model with each head's output captured. Pass
-        the states of the corrupted input as ``corrupted_writers`` to reuse them across steps."""
+        the states of the corrupted input as ``corrupted_writers`` to reuse them across steps.
+        ``states=False``: the logits only (states None), a plain forward with no capture, for
+        the clean input whose states a step does not use."""
         ids = self._check_ids("input_ids", input_ids)
         mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
         pos = self._positions(position_ids, *ids.shape)
-        return capture_writer_states(self.adapter, self._graph, ids, mask, pos)
+        if not states and self.adapter.reference_fn is None:
+            return self.adapter.full_forward(ids, mask, pos), None
+        logits, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos)
+        return logits, writer_states if states else None
 
     @torch.no_grad()
     def compute_mean_writers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
