@@ -112,7 +112,7 @@ def ours_step(hf, checkpoint_layers: bool = False):
 
     def step(ids, cids):
         with record_function("phase: reference passes"):
-            full_logits, _ = pruned.reference(ids)
+            full_logits, _ = pruned.reference(ids, states=False)
             _, corrupted = pruned.reference(cids)
         with record_function("phase: masked forward"):
             out = pruned(ids, corrupted_writers=corrupted, training=True)

@@ -324,7 +324,7 @@ def evaluate(model, edges: Iterable[str | Sequence[str] | Edge], batches: Sequen
     measures: dict[str, dict[str, float]] = {}
     n = 0
     for batch in batches:
-        full_logits, _ = model.reference(batch.input_ids, batch.attention_mask)
+        full_logits, _ = model.reference(batch.input_ids, batch.attention_mask, states=False)
         corrupted = None
         if model.ablation == "corrupted":
             if batch.corrupted_input_ids is None:

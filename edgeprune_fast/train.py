@@ -251,7 +251,7 @@ class Trainer:
             return self._cache[index]
         batch = self.batches[index]
         batch = (batch if self.data_parallel is None else self.data_parallel.shard(batch)).to(self.device)
-        full_logits, _ = self.model.reference(batch.input_ids, batch.attention_mask)
+        full_logits, _ = self.model.reference(batch.input_ids, batch.attention_mask, states=False)
         corrupted = None
         if self.model.ablation == "corrupted":
             if batch.corrupted_input_ids is None:
