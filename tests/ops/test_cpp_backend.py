@@ -30,38 +30,12 @@ from edgeprune_fast.ops.backends import cpp as cpp_backend
 if _native.load() is None:
     pytest.skip(f"the C++ extension is not available: {_native.load_error()}", allow_module_level=True)
 
+from tests.ops._edge_mix_cases import edge_mix_inputs, leaves, run_edge_mix, torch_low_precision, uniform_noise
+
 _C = _native.load()
 P = HardConcreteParams()
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 NAMES = ("x", "z_eff", "grad log_alpha_edge", "grad log_alpha_node", "grad clean")
-
-
-def _u(*shape, dtype=torch.float32):
-    # away from 0 and 1 so the clamp's kinks (measure zero) are not hit by rounding
-    return (0.01 + 0.98 * torch.rand(*shape)).to(dtype)
-
-
-def _inputs(R, W, N, D, *, corrupted, node, dtype=torch.float32, mask_dtype=torch.float32):
-    la = (torch.randn(R, W) * 1.5).to(mask_dtype)
-    la[0, 0] = 9.0  # clamp active at 1 (training and deterministic)
-    la[-1, -1] = -9.0  # clamp active at 0
-    ln = (torch.randn(W) * 1.5).to(mask_dtype) if node else None
-    clean = torch.randn(W, N, D).to(dtype)
-    corrupt = torch.randn(W, N, D).to(dtype) if corrupted else None
-    return la, ln, clean, corrupt, _u(R, W, dtype=mask_dtype), (_u(W, dtype=mask_dtype) if node else None)
-
-
-def _leaves(*ts):
-    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
-
-
-def _run_edge_mix(fn, la, ln, clean, corrupt, ue, un, training, wx, wz):
-    """(x, z_eff, grad la_edge, grad la_node, grad clean) of loss = <x, wx> + <z_eff, wz>."""
-    la, ln, clean = _leaves(la, ln, clean)
-    x, z = fn(la, clean, corrupt, log_alpha_node=ln, u_edge=ue if training else None,
-              u_node=un if training else None, training=training)
-    ((x.to(wx.dtype) * wx).sum() + (z.to(wz.dtype) * wz).sum()).backward()
-    return x.detach(), z.detach(), la.grad, None if ln is None else ln.grad, clean.grad
 
 
 def _cpp(fn):
@@ -85,8 +59,8 @@ def test_automatic_choice_on_cpu_is_cpp():
 def test_hard_concrete_matches_reference(training, dtype):
     la = (torch.randn(3, 7) * 2).to(dtype)
     la[0, :2] = torch.tensor([9.0, -9.0])
-    u, g = _u(3, 7, dtype=dtype), torch.randn(3, 7)
-    la_c, la_r = _leaves(la, la)
+    u, g = uniform_noise(3, 7, dtype=dtype), torch.randn(3, 7)
+    la_c, la_r = leaves(la, la)
     with use_backend("cpp"):
         z = hard_concrete(la_c, u=u, training=training)
     z.backward(g.to(z.dtype))
@@ -116,7 +90,7 @@ def test_hard_concrete_gradient_at_the_clamp_edge(training, left, right):
 def test_seed_gives_the_reference_backends_bits():
     """No in-kernel generator: ops/ draws u from the seed on the CPU for both backends, so
     the masks agree to rounding (libm's exp/log against torch's vectorised ones)."""
-    la, ln, clean, corrupt, _, _ = _inputs(4, 5, 2, 13, corrupted=True, node=True)
+    la, ln, clean, corrupt, _, _ = edge_mix_inputs(4, 5, 2, 13, corrupted=True, node=True)
     with use_backend("cpp"):
         x1, z1 = edge_mix(la, clean, corrupt, log_alpha_node=ln, seed=7)
         x2, z2 = edge_mix(la, clean, corrupt, log_alpha_node=ln, seed=8)
@@ -152,12 +126,12 @@ def test_edge_mix_matches_reference(case, dtype):
     """fp64: equal to rounding. fp32: the error against the fp64 reference at most twice the
     fp32 reference's own (plus a hair), since long fp32 sums differ with summation order."""
     R, W, N, D, corrupted, node, training = CASES[case]
-    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=node, dtype=dtype,
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(R, W, N, D, corrupted=corrupted, node=node, dtype=dtype,
                                              mask_dtype=dtype)
     wx, wz = torch.randn(R, N, D, dtype=dtype), torch.randn(R, W, dtype=dtype)
-    got = _run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, training, wx, wz)
-    want = _run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, training, wx, wz)
-    exact = _run_edge_mix(edge_mix_reference, *_f64(la, ln, clean, corrupt, ue, un), training, *_f64(wx, wz))
+    got = run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, training, wx, wz)
+    want = run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, training, wx, wz)
+    exact = run_edge_mix(edge_mix_reference, *_f64(la, ln, clean, corrupt, ue, un), training, *_f64(wx, wz))
     for name, a, b, e in zip(NAMES, got, want, exact):
         if b is None:
             assert a is None, name
@@ -172,7 +146,7 @@ def test_edge_mix_matches_reference(case, dtype):
 
 def test_gradcheck_float64():
     """torch.autograd.gradcheck through the C++ forward and backward, masks and writers."""
-    la, ln, clean, corrupt, ue, un = _inputs(3, 5, 2, 7, corrupted=True, node=True, dtype=torch.float64,
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(3, 5, 2, 7, corrupted=True, node=True, dtype=torch.float64,
                                              mask_dtype=torch.float64)
     la = la.clamp(-2, 2)  # keep every mask off the clamp's kinks, where finite differences break
 
@@ -180,7 +154,7 @@ def test_gradcheck_float64():
         with use_backend("cpp"):
             return edge_mix(la_, clean_, corrupt, log_alpha_node=ln_, u_edge=ue, u_node=un)
 
-    assert torch.autograd.gradcheck(f, tuple(_leaves(la, ln, clean)), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(f, tuple(leaves(la, ln, clean)), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -192,7 +166,7 @@ def test_mix_matches_reference(corrupted, dtype):
     clean = torch.randn(W, N, D, dtype=dtype)
     corrupt = torch.randn(W, N, D, dtype=dtype) if corrupted else None
     g = torch.randn(R, N, D, dtype=dtype)
-    zc, cc, zr, cr = _leaves(z, clean, z, clean)
+    zc, cc, zr, cr = leaves(z, clean, z, clean)
     with use_backend("cpp"):
         x = mix(zc, cc, corrupt)
     x.backward(g)
@@ -216,18 +190,6 @@ def test_zero_ablation_with_all_masks_one_is_the_sum_of_writers():
 # ---------------------------------------------------------------- bf16 / fp16
 
 
-def _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz):
-    """What plain torch computes in the low dtype: fp32 masks, mixing einsums in clean's dtype."""
-    la, ln, clean = _leaves(la, ln, clean)
-    z = hard_concrete_reference(la, ue) * hard_concrete_reference(ln, un)[None, :]
-    dt = clean.dtype
-    x = torch.einsum("rw,w...->r...", z.to(dt), clean)
-    if corrupt is not None:
-        x = x + torch.einsum("rw,w...->r...", (1 - z).to(dt), corrupt)
-    ((x.float() * wx).sum() + (z * wz).sum()).backward()
-    return x.detach(), z.detach(), la.grad, ln.grad, clean.grad
-
-
 @pytest.mark.parametrize("shape", [(4, 37, 3, 13), (3, 300, 131, 223)], ids=["one-tile", "33-tiles"])
 @pytest.mark.parametrize("corrupted", [True, False], ids=["corrupted", "zero-ablation"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -235,12 +197,12 @@ def test_edge_mix_low_precision(dtype, corrupted, shape):
     """FlashAttention's rule: error against an fp32 reference at most twice torch's own
     low-precision error (plus a hair for quantities torch happens to get exact)."""
     R, W, N, D = shape
-    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=True, dtype=dtype)
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(R, W, N, D, corrupted=corrupted, node=True, dtype=dtype)
     wx, wz = torch.randn(R, N, D), torch.randn(R, W)
-    got = _run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, True, wx, wz)
-    ref = _run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt if corrupt is None else corrupt.float(),
+    got = run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, True, wx, wz)
+    ref = run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt if corrupt is None else corrupt.float(),
                         ue, un, True, wx, wz)
-    low = _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz)
+    low = torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz)
     assert got[0].dtype == dtype and got[4].dtype == dtype and got[1].dtype == torch.float32
     for name, a, r, t in zip(NAMES, got, ref, low):
         err = (a.float() - r).abs().max().item()
@@ -252,10 +214,10 @@ def test_edge_mix_low_precision(dtype, corrupted, shape):
 def test_low_precision_matches_reference_in_its_dtype(dtype):
     """The reference on low-precision writers (fp32 arithmetic, one rounding at the end)."""
     R, W, N, D = 5, 11, 3, 17
-    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=True, node=True, dtype=dtype)
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(R, W, N, D, corrupted=True, node=True, dtype=dtype)
     wx, wz = torch.randn(R, N, D), torch.randn(R, W)
-    got = _run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, True, wx, wz)
-    want = _run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, True, wx, wz)
+    got = run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, True, wx, wz)
+    want = run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, True, wx, wz)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
     for name, a, b in zip(NAMES, got, want):
         assert a.dtype == b.dtype, name
@@ -268,14 +230,14 @@ def test_low_precision_matches_reference_in_its_dtype(dtype):
 @pytest.mark.parametrize("case", ["W5-D13-corrupt-node", "W300-33-tiles-corrupt-node"])
 def test_bitwise_deterministic_across_calls_and_thread_counts(case):
     R, W, N, D, corrupted, node, _ = CASES[case]
-    la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=node)
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(R, W, N, D, corrupted=corrupted, node=node)
     wx, wz = torch.randn(R, N, D), torch.randn(R, W)
     threads = torch.get_num_threads()
     try:
         runs = []
         for n in (threads, threads, 1):
             torch.set_num_threads(n)
-            runs.append(_run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, True, wx, wz))
+            runs.append(run_edge_mix(_cpp(edge_mix), la, ln, clean, corrupt, ue, un, True, wx, wz))
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:
@@ -288,7 +250,7 @@ def test_bitwise_deterministic_across_calls_and_thread_counts(case):
 
 def test_extension_checks_name_the_argument():
     la, clean, corrupt = torch.randn(3, 5), torch.randn(5, 8), torch.randn(5, 8)
-    u = _u(3, 5)
+    u = uniform_noise(3, 5)
     args = dict(training=True, beta=P.beta, left=P.left, right=P.right)
     with pytest.raises(ValueError, match=r"corrupt: expected the shape of clean \[5, 8\], got \[5, 7\]"):
         _C.edge_mix_forward(la, None, clean, torch.randn(5, 7), u, None, **args)
@@ -297,7 +259,7 @@ def test_extension_checks_name_the_argument():
     with pytest.raises(ValueError, match="u_edge: expected uniforms of shape .* got None"):
         _C.edge_mix_forward(la, None, clean, corrupt, None, None, **args)
     with pytest.raises(ValueError, match="u_node: expected the shape of log_alpha_node"):
-        _C.edge_mix_forward(la, torch.randn(5), clean, corrupt, u, _u(4), **args)
+        _C.edge_mix_forward(la, torch.randn(5), clean, corrupt, u, uniform_noise(4), **args)
     with pytest.raises(ValueError, match="clean: expected float32, float64, bfloat16 or float16"):
         _C.mix_forward(torch.rand(3, 5), torch.zeros(5, 8, dtype=torch.int32), None)
     with pytest.raises(ValueError, match="grad_x: expected the dtype of clean"):

@@ -37,37 +37,25 @@ pytest.importorskip("triton")
 # Triton's interpreter itself converts scalar loop bounds with a numpy call newer numpy deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
+from tests.ops._edge_mix_cases import (  # noqa: E402
+    edge_mix_inputs,
+    leaves,
+    run_edge_mix,
+    torch_low_precision,
+    uniform_noise,
+)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = HardConcreteParams()
 TOL32 = dict(rtol=1e-5, atol=1e-5)
 
 
 def _u(*shape):
-    # away from 0 and 1 so the clamp's kinks (measure zero) are not hit by rounding
-    return (0.01 + 0.98 * torch.rand(*shape)).to(DEVICE)
+    return uniform_noise(*shape, device=DEVICE)
 
 
 def _inputs(R, W, N, D, *, corrupted, node, dtype=torch.float32):
-    la = (torch.randn(R, W) * 1.5).to(DEVICE)
-    la[0, 0] = 9.0  # clamp active at 1 (training and deterministic)
-    la[-1, -1] = -9.0  # clamp active at 0
-    ln = (torch.randn(W) * 1.5).to(DEVICE) if node else None
-    clean = torch.randn(W, N, D).to(DEVICE, dtype)
-    corrupt = torch.randn(W, N, D).to(DEVICE, dtype) if corrupted else None
-    return la, ln, clean, corrupt, _u(R, W), (_u(W) if node else None)
-
-
-def _leaves(*ts):
-    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
-
-
-def _run_edge_mix(fn, la, ln, clean, corrupt, ue, un, training, wx, wz):
-    """(x, z_eff, grad la_edge, grad la_node, grad clean) of loss = <x, wx> + <z_eff, wz>."""
-    la, ln, clean = _leaves(la, ln, clean)
-    x, z = fn(la, clean, corrupt, log_alpha_node=ln, u_edge=ue if training else None,
-              u_node=un if training else None, training=training)
-    ((x.float() * wx).sum() + (z * wz).sum()).backward()
-    return x.detach(), z.detach(), la.grad, None if ln is None else ln.grad, clean.grad
+    return edge_mix_inputs(R, W, N, D, corrupted=corrupted, node=node, dtype=dtype, device=DEVICE)
 
 
 # ---------------------------------------------------------------- hard_concrete
@@ -78,7 +66,7 @@ def test_hard_concrete_matches_reference(training):
     la = (torch.randn(3, 7) * 2).to(DEVICE)
     la[0, :2] = torch.tensor([9.0, -9.0])
     u, g = _u(3, 7), torch.randn(3, 7).to(DEVICE)
-    la_t, la_r = _leaves(la, la)
+    la_t, la_r = leaves(la, la)
     with use_backend("triton"):
         z = hard_concrete(la_t, u=u, training=training)
     z.backward(g)
@@ -125,8 +113,8 @@ def test_edge_mix_matches_reference(case):
     la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=node)
     wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
     with use_backend("triton"):
-        got = _run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, training, wx, wz)
-    want = _run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, training, wx, wz)
+        got = run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, training, wx, wz)
+    want = run_edge_mix(edge_mix_reference, la, ln, clean, corrupt, ue, un, training, wx, wz)
     for name, a, b in zip(("x", "z_eff", "grad log_alpha_edge", "grad log_alpha_node", "grad clean"), got, want):
         if b is None:
             assert a is None, name
@@ -142,7 +130,7 @@ def test_mix_matches_reference(corrupted):
     clean = torch.randn(W, N, D).to(DEVICE)
     corrupt = torch.randn(W, N, D).to(DEVICE) if corrupted else None
     g = torch.randn(R, N, D).to(DEVICE)
-    zt, ct, zr, cr = _leaves(z, clean, z, clean)
+    zt, ct, zr, cr = leaves(z, clean, z, clean)
     with use_backend("triton"):
         x = mix(zt, ct, corrupt)
     x.backward(g)
@@ -169,18 +157,6 @@ def test_mix_backward_persistent_grid(max_programs):
 # ---------------------------------------------------------------- bf16 / fp16
 
 
-def _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz):
-    """What plain torch computes in the low dtype: fp32 masks, mixing einsums in clean's dtype."""
-    la, ln, clean = _leaves(la, ln, clean)
-    z = hard_concrete_reference(la, ue) * hard_concrete_reference(ln, un)[None, :]
-    dt = clean.dtype
-    x = torch.einsum("rw,w...->r...", z.to(dt), clean)
-    if corrupt is not None:
-        x = x + torch.einsum("rw,w...->r...", (1 - z).to(dt), corrupt)
-    ((x.float() * wx).sum() + (z * wz).sum()).backward()
-    return x.detach(), z.detach(), la.grad, ln.grad, clean.grad
-
-
 @pytest.mark.parametrize("corrupted", [True, False], ids=["corrupted", "zero-ablation"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_edge_mix_low_precision(dtype, corrupted):
@@ -190,10 +166,10 @@ def test_edge_mix_low_precision(dtype, corrupted):
     la, ln, clean, corrupt, ue, un = _inputs(R, W, N, D, corrupted=corrupted, node=True, dtype=dtype)
     wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
     with use_backend("triton"):
-        got = _run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, True, wx, wz)
-    ref = _run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt if corrupt is None else corrupt.float(),
+        got = run_edge_mix(edge_mix, la, ln, clean, corrupt, ue, un, True, wx, wz)
+    ref = run_edge_mix(edge_mix_reference, la, ln, clean.float(), corrupt if corrupt is None else corrupt.float(),
                         ue, un, True, wx, wz)
-    low = _torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz)
+    low = torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz)
     assert got[0].dtype == dtype and got[4].dtype == dtype and got[1].dtype == torch.float32
     for name, a, r, t in zip(("x", "z_eff", "grad log_alpha_edge", "grad log_alpha_node", "grad clean"), got, ref, low):
         err = (a.float() - r).abs().max().item()
@@ -281,7 +257,7 @@ def test_mask_gradients_bitwise_deterministic():
     wx, wz = torch.randn(R, N, D).to(DEVICE), torch.randn(R, W).to(DEVICE)
 
     def grads():
-        a, b, c = _leaves(la, ln, clean)
+        a, b, c = leaves(la, ln, clean)
         with use_backend("triton"):
             x, z = edge_mix(a, c, corrupt, log_alpha_node=b, seed=3)
         ((x * wx).sum() + (z * wz).sum()).backward()
