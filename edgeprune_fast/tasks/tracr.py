@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,9 @@ class TracrPruneSettings:
     batch_size: int | None = None
 
     def train_config(self, **overrides: Any) -> TrainConfig:
-        keys = ("seed", "steps", "target_edge_sparsity", "sparsity_warmup", "lr_warmup", "lr_edge", "lr_node",
-                "lr_lambda", "weight_decay")
-        return TrainConfig(**{k: getattr(self, k) for k in keys}, **overrides)
+        """The TrainConfig of these settings: every field the two share, then ``overrides``."""
+        shared = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(self)}
+        return TrainConfig(**{k: getattr(self, k) for k in shared}, **overrides)
 
 
 TRACR_DEFAULTS = TracrPruneSettings()
