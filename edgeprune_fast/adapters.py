@@ -32,6 +32,10 @@ function ``model -> Adapter`` and registering it in ``ADAPTERS``; the fields are
     reference_fn    optional (input_ids, attention_mask, position_ids, graph) ->
                     (logits, writer states [W, B, S, D]); when None the states are captured
                     with hooks on ``LayerSpec.o_proj`` (pre-hook: z) and ``LayerSpec.mlp``
+    layer_fn        optional i -> layer i's LayerSpec, built from the model's parameters as
+                    they are now (``layers`` is ``layer_fn`` over every layer); with it and
+                    ``LayerSpec.block`` the weights can be sharded (sharding.py rebuilds one
+                    layer's views while FSDP has gathered that layer alone). None: no sharding
 
 A complete non-HF example (the tracr ``TracrTransformer``: identity norms, causal=False,
 its own reference forward) is ``tracr.tracr_adapter``, registered below.
@@ -39,6 +43,7 @@ its own reference forward) is ``tracr.tracr_adapter``, registered below.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +66,8 @@ class LayerSpec:
     (nn.Identity() for none); mlp: [.., D] -> [.., D]; scale: softmax(scale * q k^T);
     o_proj: the module whose input is z [B, S, H*dv] (heads concatenated), for the
     reference capture (None when the adapter supplies ``reference_fn``).
+    block: the module that holds all of the layer's parameters (the decoder layer; the unit
+    FSDP shards, sharding.py), or None.
     W_QKV [H + 2K, D, dh], b_QKV [H + 2K, dh] or None: optional, W_Q | W_K | W_V as one view
     where the model stores them so (GPT-2's fused c_attn; dh == dv), so that the attention
     readers' projections are one batched product (no split, no concatenated gradient)."""
@@ -80,6 +87,7 @@ class LayerSpec:
     o_proj: nn.Module | None
     W_QKV: torch.Tensor | None = None
     b_QKV: torch.Tensor | None = None
+    block: nn.Module | None = None
 
     @property
     def n_heads(self) -> int:
@@ -109,6 +117,7 @@ class Adapter:
     causal: bool = True
     parallel_mlp: bool = False
     reference_fn: Callable | None = None
+    layer_fn: Callable[[int], LayerSpec] | None = None
 
     @property
     def n_layers(self) -> int:
@@ -152,50 +161,56 @@ def _rotary_fn(attn_module: nn.Module) -> Callable:
 
 
 # ---- the four architectures --------------------------------------------------------------------
+def _gpt2_layer(model: nn.Module, i: int) -> LayerSpec:
+    block, H, D = model.transformer.h[i], model.config.n_head, model.config.n_embd
+    at = block.attn
+    w, b = at.c_attn.weight, at.c_attn.bias  # Conv1D: x @ w + b, w [D, 3D]; q | k | v along the output
+    heads = [w[:, j * D:(j + 1) * D].view(D, H, D // H).transpose(0, 1) for j in range(3)]
+    biases = [b[j * D:(j + 1) * D].view(H, D // H) for j in range(3)]
+    return LayerSpec(
+        attn_norm=block.ln_1, mlp_norm=block.ln_2,
+        W_Q=heads[0], b_Q=biases[0], W_K=heads[1], b_K=biases[1], W_V=heads[2], b_V=biases[2],
+        W_O=at.c_proj.weight.view(H, D // H, D), b_O=at.c_proj.bias,
+        mlp=block.mlp, scale=float(at.scaling), o_proj=at.c_proj,
+        W_QKV=w.view(D, 3 * H, D // H).transpose(0, 1), b_QKV=b.view(3 * H, D // H), block=block)
+
+
 def gpt2_adapter(model: nn.Module) -> Adapter:
     cfg = model.config
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if getattr(cfg, flag, False):
             raise NotImplementedError(f"GPT2LMHeadModel with config.{flag}=True is not supported")
-    tr, H = model.transformer, cfg.n_head
-    D = cfg.n_embd
-    layers = []
-    for block in tr.h:
-        at = block.attn
-        w, b = at.c_attn.weight, at.c_attn.bias  # Conv1D: x @ w + b, w [D, 3D]; q | k | v along the output
-        heads = [w[:, i * D:(i + 1) * D].view(D, H, D // H).transpose(0, 1) for i in range(3)]
-        biases = [b[i * D:(i + 1) * D].view(H, D // H) for i in range(3)]
-        layers.append(LayerSpec(
-            attn_norm=block.ln_1, mlp_norm=block.ln_2,
-            W_Q=heads[0], b_Q=biases[0], W_K=heads[1], b_K=biases[1], W_V=heads[2], b_V=biases[2],
-            W_O=at.c_proj.weight.view(H, D // H, D), b_O=at.c_proj.bias,
-            mlp=block.mlp, scale=float(at.scaling), o_proj=at.c_proj,
-            W_QKV=w.view(D, 3 * H, D // H).transpose(0, 1), b_QKV=b.view(3 * H, D // H)))
+    tr = model.transformer
+    layer_fn = functools.partial(_gpt2_layer, model)
     return Adapter(
-        architecture="GPT2LMHeadModel", model=model, layers=tuple(layers), d_model=D, n_ctx=cfg.n_positions,
-        embed_tokens=tr.wte, embed_positions=tr.wpe, rotary=None, apply_rotary=None,
-        final_norm=tr.ln_f, unembed=model.lm_head, full_forward=_hf_forward(model))
+        architecture="GPT2LMHeadModel", model=model, layers=tuple(map(layer_fn, range(len(tr.h)))),
+        d_model=cfg.n_embd, n_ctx=cfg.n_positions, embed_tokens=tr.wte, embed_positions=tr.wpe, rotary=None,
+        apply_rotary=None, final_norm=tr.ln_f, unembed=model.lm_head, full_forward=_hf_forward(model),
+        layer_fn=layer_fn)
+
+
+def _llama_layer(model: nn.Module, i: int) -> LayerSpec:
+    cfg, layer = model.config, model.model.layers[i]
+    H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    at = layer.self_attn
+    (W_Q, b_Q), (W_K, b_K), (W_V, b_V) = (_linear_heads(p, n) for p, n in
+                                          ((at.q_proj, H), (at.k_proj, K), (at.v_proj, K)))
+    W_O, b_O = _linear_out_heads(at.o_proj, H)
+    return LayerSpec(
+        attn_norm=layer.input_layernorm, mlp_norm=layer.post_attention_layernorm,
+        W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_V=W_V, b_V=b_V, W_O=W_O, b_O=b_O,
+        mlp=layer.mlp, scale=float(at.scaling), o_proj=at.o_proj, block=layer)
 
 
 def _llama_like(model: nn.Module, architecture: str) -> Adapter:
     """Llama and Qwen2 (same layout; Qwen2 has q/k/v biases, Llama has config.attention_bias)."""
     cfg, base = model.config, model.model
-    H, K = cfg.num_attention_heads, cfg.num_key_value_heads
-    layers = []
-    for layer in base.layers:
-        at = layer.self_attn
-        (W_Q, b_Q), (W_K, b_K), (W_V, b_V) = (_linear_heads(p, n) for p, n in
-                                              ((at.q_proj, H), (at.k_proj, K), (at.v_proj, K)))
-        W_O, b_O = _linear_out_heads(at.o_proj, H)
-        layers.append(LayerSpec(
-            attn_norm=layer.input_layernorm, mlp_norm=layer.post_attention_layernorm,
-            W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_V=W_V, b_V=b_V, W_O=W_O, b_O=b_O,
-            mlp=layer.mlp, scale=float(at.scaling), o_proj=at.o_proj))
+    layer_fn = functools.partial(_llama_layer, model)
     return Adapter(
-        architecture=architecture, model=model, layers=tuple(layers), d_model=cfg.hidden_size,
-        n_ctx=cfg.max_position_embeddings, embed_tokens=base.embed_tokens, embed_positions=None,
-        rotary=base.rotary_emb, apply_rotary=_rotary_fn(base.layers[0].self_attn),
-        final_norm=base.norm, unembed=model.lm_head, full_forward=_hf_forward(model))
+        architecture=architecture, model=model, layers=tuple(map(layer_fn, range(len(base.layers)))),
+        d_model=cfg.hidden_size, n_ctx=cfg.max_position_embeddings, embed_tokens=base.embed_tokens,
+        embed_positions=None, rotary=base.rotary_emb, apply_rotary=_rotary_fn(base.layers[0].self_attn),
+        final_norm=base.norm, unembed=model.lm_head, full_forward=_hf_forward(model), layer_fn=layer_fn)
 
 
 def llama_adapter(model: nn.Module) -> Adapter:
@@ -211,28 +226,31 @@ def qwen2_adapter(model: nn.Module) -> Adapter:
     return _llama_like(model, "Qwen2ForCausalLM")
 
 
-def gpt_neox_adapter(model: nn.Module) -> Adapter:
-    cfg, base = model.config, model.gpt_neox
+def _gpt_neox_layer(model: nn.Module, i: int) -> LayerSpec:
+    cfg, layer = model.config, model.gpt_neox.layers[i]
     H, D = cfg.num_attention_heads, cfg.hidden_size
     dh = D // H
-    layers = []
-    for layer in base.layers:
-        at = layer.attention
-        # query_key_value: D -> 3D with rows per head [q_h (dh) | k_h (dh) | v_h (dh)] (HF views [.., H, 3*dh])
-        w = at.query_key_value.weight.view(H, 3, dh, D).transpose(2, 3)  # [H, 3, D, dh]
-        b = None if at.query_key_value.bias is None else at.query_key_value.bias.view(H, 3, dh)
-        W_O, b_O = _linear_out_heads(at.dense, H)
-        layers.append(LayerSpec(
-            attn_norm=layer.input_layernorm, mlp_norm=layer.post_attention_layernorm,
-            W_Q=w[:, 0], b_Q=None if b is None else b[:, 0], W_K=w[:, 1], b_K=None if b is None else b[:, 1],
-            W_V=w[:, 2], b_V=None if b is None else b[:, 2], W_O=W_O, b_O=b_O,
-            mlp=layer.mlp, scale=float(at.scaling), o_proj=at.dense))
+    at = layer.attention
+    # query_key_value: D -> 3D with rows per head [q_h (dh) | k_h (dh) | v_h (dh)] (HF views [.., H, 3*dh])
+    w = at.query_key_value.weight.view(H, 3, dh, D).transpose(2, 3)  # [H, 3, D, dh]
+    b = None if at.query_key_value.bias is None else at.query_key_value.bias.view(H, 3, dh)
+    W_O, b_O = _linear_out_heads(at.dense, H)
+    return LayerSpec(
+        attn_norm=layer.input_layernorm, mlp_norm=layer.post_attention_layernorm,
+        W_Q=w[:, 0], b_Q=None if b is None else b[:, 0], W_K=w[:, 1], b_K=None if b is None else b[:, 1],
+        W_V=w[:, 2], b_V=None if b is None else b[:, 2], W_O=W_O, b_O=b_O,
+        mlp=layer.mlp, scale=float(at.scaling), o_proj=at.dense, block=layer)
+
+
+def gpt_neox_adapter(model: nn.Module) -> Adapter:
+    cfg, base = model.config, model.gpt_neox
+    layer_fn = functools.partial(_gpt_neox_layer, model)
     return Adapter(
-        architecture="GPTNeoXForCausalLM", model=model, layers=tuple(layers), d_model=D,
-        n_ctx=cfg.max_position_embeddings, embed_tokens=base.embed_in, embed_positions=None,
-        rotary=base.rotary_emb, apply_rotary=_rotary_fn(base.layers[0].attention),
+        architecture="GPTNeoXForCausalLM", model=model, layers=tuple(map(layer_fn, range(len(base.layers)))),
+        d_model=cfg.hidden_size, n_ctx=cfg.max_position_embeddings, embed_tokens=base.embed_in,
+        embed_positions=None, rotary=base.rotary_emb, apply_rotary=_rotary_fn(base.layers[0].attention),
         final_norm=base.final_layer_norm, unembed=model.lm_head, full_forward=_hf_forward(model),
-        parallel_mlp=bool(cfg.use_parallel_residual))
+        parallel_mlp=bool(cfg.use_parallel_residual), layer_fn=layer_fn)
 
 
 def _tracr_adapter(model: nn.Module) -> Adapter:
