@@ -43,6 +43,7 @@ backward.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,7 @@ class EdgePrunedModel(nn.Module):
                                device=adapter.device)
         self.checkpoint_layers = bool(checkpoint_layers)
         self.corrupted_on_cpu = bool(corrupted_on_cpu)
+        self.sharding = None  # sharding.ShardedWeights once shard_weights() is called; None: weights replicated
         self.mean_writers: torch.Tensor | None = None
         if mean_writers is not None:
             self.set_mean_writers(mean_writers)
@@ -161,9 +163,26 @@ class EdgePrunedModel(nn.Module):
             model = model.to(device)
         return cls.from_hf(model, **kwargs)
 
+    def shard_weights(self, mesh=None) -> EdgePrunedModel:
+        """Shard the frozen HF weights over the processes with FSDP2 (``fully_shard`` per decoder
+        layer and on the root; see sharding.py); the masks stay whole on every process. Needs
+        an initialised process group (``DataParallel.from_env()``); move or cast the model
+        first. ``mesh``: a 1-D DeviceMesh (default: every process)."""
+        from .sharding import shard_weights
+
+        self.sharding, self.adapter = shard_weights(self.adapter, mesh)
+        return self
+
+    def _gathered_root(self):
+        """The root's weights (embeddings, final norm, unembedding) gathered for the body when sharded."""
+        return nullcontext() if self.sharding is None else self.sharding.gathered(self.sharding.root)
+
     def _apply(self, fn, recurse=True):
         """Module.to/cuda/half reach the HF model; masks follow the device only (they stay float32);
         the adapter's weight views are rebuilt on the converted parameters."""
+        if self.sharding is not None:
+            raise ValueError("model: its weights are sharded (shard_weights); expected .to()/.half()/... before "
+                             "sharding, got a call after it")
         self.hf._apply(fn, recurse)
         device = fn(torch.zeros(1)).device
         self.masks._apply(lambda t: t.to(device), recurse)
@@ -289,9 +308,10 @@ class EdgePrunedModel(nn.Module):
         ids = self._check_ids("input_ids", input_ids)
         mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
         pos = self._positions(position_ids, *ids.shape)
-        if not states and self.adapter.reference_fn is None:
-            return self.adapter.full_forward(ids, mask, pos), None
-        logits, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos)
+        with self._gathered_root():  # sharded: FSDP's own hooks gather each layer in the HF forward
+            if not states and self.adapter.reference_fn is None:
+                return self.adapter.full_forward(ids, mask, pos), None
+            logits, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos)
         return logits, writer_states if states else None
 
     @torch.no_grad()
@@ -337,7 +357,8 @@ class EdgePrunedModel(nn.Module):
                              "e.g. reference(corrupted_input_ids)[1]), got None")
         cids = self._check_ids("corrupted_input_ids", corrupted_input_ids, like=ids)
         cmask = self._check_attention_mask("corrupted_attention_mask", corrupted_attention_mask, ids.shape)
-        return self.place_corrupted_writers(capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1])
+        with self._gathered_root():
+            return self.place_corrupted_writers(capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1])
 
     def place_corrupted_writers(self, states: torch.Tensor) -> torch.Tensor:
         """Corrupted states [W, B, S, D] where the forward keeps them: in the model dtype, on the
@@ -373,24 +394,32 @@ class EdgePrunedModel(nn.Module):
         B, S = ids.shape
         attn_mask, is_causal = self._sdpa_mask(mask, S)
         store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled())
-        store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
+        with self._gathered_root():
+            store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
         rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
         u_node = None
         if training and m.circuit is None and m.node_log_alpha is not None:
             u_node = self._uniform(g.n_writers)
         recompute = self.checkpoint_layers and torch.is_grad_enabled()
+        sh = self.sharding  # sharded: each unit gathered around its work, forward and backward (sharding.py)
         kept = []
         for layer, spec in enumerate(a.layers):
             # Noise drawn here, outside the checkpointed region, in the order the reads use it
             noise = (self._noise(2 * layer, training, u_node), self._noise(2 * layer + 1, training, u_node))
+            if sh is not None:
+                store.token = sh.enter(sh.layers[layer], store.token)
             args = (store.token, store, layer, spec, corrupt, training, noise, rope, attn_mask, is_causal)
             out = checkpoint(self._layer, *args, use_reentrant=False) if recompute else self._layer(*args)
-            store.token = out[0]
+            store.token = out[0] if sh is None else sh.leave(sh.layers[layer], out[0])
             kept += out[1:]
+        if sh is not None:
+            store.token = sh.enter(sh.root, store.token)
         args = (store.token, store, corrupt, training, self._noise(len(g.groups) - 1, training, u_node))
         h_r, k_r = checkpoint(self._final, *args, use_reentrant=False) if recompute else self._final(*args)
         kept.append(k_r)
         logits = a.unembed(h_r)
+        if sh is not None:
+            logits = sh.leave(sh.root, logits)
         edge_sp, node_sp = self.sparsity()
         with torch.no_grad():
             s_edge = 1 - sum(kept) / g.n_edges
