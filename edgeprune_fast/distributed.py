@@ -11,24 +11,35 @@ as one process on the global batch, and every process holds the same masks, opti
 state and random state: a checkpoint is written once (rank 0) and resumes on any number
 of processes.
 
-    torchrun --nproc_per_node 4 my_prune.py          # my_prune.py:
-        dp = DataParallel.from_env()                 # gloo on CPU, nccl with CUDA
-        trainer = Trainer(model.to(dp.device), task, batches, config, data_parallel=dp)
+The frozen HF weights are replicated on every process, or sharded with FSDP2 after
+``dp.shard_weights(model)`` (``torch.distributed.fsdp.fully_shard`` on every decoder layer
+and on the HF model, the root: embeddings, final norm, unembedding; see sharding.py): each
+process then keeps 1/P of every parameter and gathers one unit at a time around its work,
+in the forward and again in the backward, through FSDP's own ``unshard``/``reshard``, with
+or without ``checkpoint_layers``. The weights have no gradients, so the all_reduce above
+stays the only gradient traffic. Checkpoints hold no weights (masks, multipliers, optimiser
+and random state), so one written by a sharded run resumes sharded or replicated, on any
+number of processes. Shard after moving or casting the model (``.to()`` after sharding is
+a ValueError); the tracr models cannot be sharded (their adapter has no per-layer builder).
 
-Weights are replicated, not sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``,
-present in this torch). Tried on CPU/gloo with 2 processes on a tiny Llama (each decoder
-layer and the root wrapped, weights frozen): ``fully_shard`` works and turns every
-parameter into a sharded DTensor, but the edge-pruned forward then fails at its first op,
-``adapter.embed_tokens(ids)``: "aten.embedding.default got mixed torch.Tensor and DTensor".
-FSDP2 gathers a module's parameters in hooks around that module's ``forward`` (and its
-backward), and the edge-pruned forward never calls the root's or an attention module's
-``forward``: it calls the embedding, norms and MLPs as submodules and reads per-head views
-of W_Q, W_K, W_V, W_O that the adapter takes once (adapters.py), which after sharding are
-views of the DTensor shards, not of the gathered weights. Making it work needs, per layer,
-``FSDPModule.unshard()`` before the attention, head views rebuilt from the gathered
-parameters, ``reshard()`` after, and the same again in the checkpointed recomputation and
-the backward (whose input gradients need W); that is not done yet. The memory planner's
-``n_gpus`` models that sharded layout (edgeprune_fast/plan.py).
+A run as a user writes it (checked with ``torchrun --nproc_per_node 2`` on the CPU, gloo,
+a tiny GPT-2 saved with save_pretrained; the masks equal a 1-process run's)::
+
+    # prune.py; run with: torchrun --nproc_per_node 2 prune.py
+    from transformers import AutoTokenizer
+    from edgeprune_fast.distributed import DataParallel
+    from edgeprune_fast.model import EdgePrunedModel
+    from edgeprune_fast.tasks.registry import get_task
+    from edgeprune_fast.train import TrainConfig, Trainer
+
+    dp = DataParallel.from_env()                     # gloo on CPU, nccl with CUDA
+    model = EdgePrunedModel.from_pretrained("my-model", device=dp.device, checkpoint_layers=True)
+    dp.shard_weights(model)                          # optional: FSDP2-sharded weights
+    task = get_task("ioi", AutoTokenizer.from_pretrained("my-model"), n_examples=64)
+    trainer = Trainer(model, task, task.batches(16, "train"), TrainConfig(steps=100),
+                      out_dir="run", data_parallel=dp)   # batches: the global batch, split over processes
+    trainer.run()                                    # rank 0 writes run/checkpoint.*
+    dp.close()
 """
 
 from __future__ import annotations
@@ -123,6 +134,17 @@ class DataParallel:
             n = p.grad.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
+
+    def shard_weights(self, model):
+        """Shard ``model``'s frozen HF weights over the processes with FSDP2 (an EdgePrunedModel
+        already on ``self.device``; see :meth:`EdgePrunedModel.shard_weights` and sharding.py);
+        returns the model. Collective: every process calls it."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if model.adapter.device != self.device:
+            raise ValueError(f"model: expected it on this process's device {self.device} before sharding "
+                             f"(model.to(dp.device)), got {model.adapter.device}")
+        return model.shard_weights(init_device_mesh(self.device.type, (self.world_size,)))
 
     @torch.no_grad()
     def broadcast_parameters(self, params: Iterable[torch.Tensor]) -> None:

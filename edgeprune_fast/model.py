@@ -37,7 +37,10 @@ rewrites the layer's own slots with the same values (WriterStore.resume), which 
 later readers have finished their backward by then. With ``corrupted_on_cpu`` the corrupted
 writer states stay in host memory (pinned under CUDA) and each read copies its prefix
 [n, B, S, D] to the device; pair it with checkpointing, or every layer's copy is kept for
-backward.
+backward. Across processes (``shard_weights``, sharding.py) FSDP2 keeps 1/P of every weight
+per process; ``_run`` gathers each decoder layer, and the root (embeddings, final norm,
+unembedding), around its own work, and backward gathers it again (identity hooks on the
+token that threads the layer), with or without checkpointing.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ dtype's bytes, 4 for float32. The terms follow how model.py, writers.py and ops/
 (checked against a saved-tensor audit of tests/models/_tiny-like Llama models):
 
   weights          every parameter, b bytes (sharded: / n_gpus, plus the unsharded working
-                   set FSDP gathers: two decoder layers and the root's embedding/unembedding)
+                   set FSDP gathers: two decoder layers and the root's embedding/unembedding,
+                   a bound: the step gathers one of them at a time (sharding.py), a
+                   reference pass through the HF forward the root and one or two layers)
   writer states    slot buffer [W, N, D] b (WriterStore.buffer); its gradient buffer, same
                    size (WriterStore.grad, allocated by the first read's backward); the
                    corrupted states [W, N, D] b (0 on the device with corrupted_on_cpu);
@@ -215,8 +217,8 @@ class MemoryPlan:
         if self.host_bytes:
             lines.append(f"{'host memory (corrupted states)':<44}{self.host_bytes / GB:>10.3f}")
         if s.n_gpus > 1:
-            lines.append("note: weights sharded by FSDP over the devices, as planned; edgeprune_fast.distributed "
-                         "replicates them today (see its docstring): the 1-device weight figure applies")
+            lines.append("note: weights sharded by FSDP over the devices, as after DataParallel.shard_weights; "
+                         "without it they are replicated and the 1-device weight figure applies")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {s.device_gb:g} GB ({100 * self.peak_bytes / (s.device_gb * GB):.0f} %)")
         return "\n".join(lines)
