@@ -61,6 +61,7 @@ from .masks import EdgeMasks
 from .ops import edge_mix, hard_concrete, mix
 from .ops.hard_concrete import draw_seed
 from .ops.params import HardConcreteParams
+from .sharding import fsdp_wrapped
 from .writers import WriterStore, capture_writer_states, embedding_writers, head_writers
 
 ABLATIONS = ("corrupted", "zero", "mean")
@@ -101,6 +102,9 @@ class EdgePrunedModel(nn.Module):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
+        if fsdp_wrapped(model):  # the adapter's views would be of the shards
+            raise ValueError("model: expected an HF model not wrapped by fully_shard (wrap it unsharded, then call "
+                             "shard_weights()), got one with FSDP-sharded modules")
         # Frozen before the adapter takes its per-head weight views: views taken while the weights
         # required grad would carry a grad_fn, and every backward would compute weight gradients
         model.requires_grad_(False)

@@ -42,6 +42,7 @@ model as its root even when a later pass enters below it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -116,6 +117,14 @@ class _UnshardInBackward(torch.autograd.Function):
         return g, None
 
 
+def fsdp_wrapped(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` has been applied to ``module`` or to one of its submodules."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:  # never imported (its first import takes ~1 s): nothing can be wrapped
+        return False
+    return any(isinstance(m, fsdp.FSDPModule) for m in module.modules())
+
+
 def _storages(module: nn.Module) -> set[int]:
     return {p.untyped_storage().data_ptr() for p in module.parameters()}
 
@@ -125,15 +134,15 @@ def shard_weights(adapter: Adapter, mesh=None) -> tuple[ShardedWeights, Adapter]
     and the adapter rebuilt on FSDP's unsharded parameters (the caller drops the old one:
     its views keep the full weights alive). ``mesh``: a 1-D DeviceMesh (default: FSDP's,
     every process of the default group, on the current device type)."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("torch.distributed: expected an initialised process group (DataParallel.from_env() "
-                         "under torchrun), got none")
     if adapter.layer_fn is None or any(s.block is None for s in adapter.layers):
         raise NotImplementedError(f"model: {adapter.architecture}'s adapter gives no per-layer builder "
                                   f"(Adapter.layer_fn, LayerSpec.block), so its weights cannot be sharded")
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("torch.distributed: expected an initialised process group (DataParallel.from_env() "
+                         "under torchrun), got none")
+    from torch.distributed.fsdp import fully_shard
 
-    if isinstance(adapter.model, FSDPModule) or any(isinstance(s.block, FSDPModule) for s in adapter.layers):
+    if fsdp_wrapped(adapter.model):
         raise ValueError("model: expected weights not yet sharded, got a model already wrapped by fully_shard")
     for i, s in enumerate(adapter.layers):  # the views must be of the block's own parameters, or FSDP won't gather them
         views = [t for f in dataclasses.fields(s) if isinstance(t := getattr(s, f.name), torch.Tensor)]

@@ -66,6 +66,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
             t.model.shard_weights()
         with pytest.raises(ValueError, match="before sharding"):
             t.model.to(torch.float64)
+        with pytest.raises(ValueError, match="not wrapped by fully_shard"):
+            EdgePrunedModel.from_hf(t.model.hf)
     finally:
         dp.close()
 
