@@ -57,6 +57,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
                 t.train_step()
             report.update(after=t.model.sharding.local_fraction(), during=seen["during"], peak=seen["peak"])
             t.save_checkpoint()
+            os.makedirs(d, exist_ok=True)  # rank 0's checkpoint makes it, maybe after the other rank gets here
             save_file({k: v.contiguous() for k, v in t.model.mask_state_dict().items()},
                       os.path.join(d, f"rank{rank}.safetensors"))
             with open(os.path.join(d, f"rank{rank}.json"), "w") as f:
