@@ -24,6 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "beta"_a, "left"_a, "right"_a);
   m.def("mix_forward", &edgeprune::mix_forward, "x = sum_w z*clean + (1 - z)*corrupt", "z"_a, "clean"_a,
         "corrupt"_a);
-  m.def("mix_backward", &edgeprune::mix_backward, "(grad_z [R, W], grad_clean [W, M])", "grad_x"_a, "z"_a,
-        "clean"_a, "corrupt"_a);
+  m.def("mix_backward", &edgeprune::mix_backward,
+        "(grad_z [R, W], grad_clean [W, M]); with grad_clean_out, grad_clean is added into it and it is returned",
+        "grad_x"_a, "z"_a, "clean"_a, "corrupt"_a, "grad_clean_out"_a = py::none());
 }

@@ -99,6 +99,44 @@ void store_tile(scalar_t* dst, int64_t M, int64_t c0, const acc_t* src, int64_t 
   }
 }
 
+// dst[i, c0 + j] += src[i, j]: the same, adding to what dst holds (the sum in the arithmetic dtype).
+template <typename scalar_t, typename acc_t>
+void add_tile(scalar_t* dst, int64_t M, int64_t c0, const acc_t* src, int64_t ld, int64_t rows, int64_t n) {
+  for (int64_t i = 0; i < rows; ++i) {
+    scalar_t* o = dst + i * M + c0;
+    const acc_t* s = src + i * ld;
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) + s[j]);
+  }
+}
+
+// out (+)= z^T @ g for zt [W, R] (z transposed), g [R, n], out [W, n] (strided views in the
+// arithmetic dtype). A single reader (the MLP, resid_post) is a row scaling, not a K=1 matrix
+// product, which BLAS runs far below memory speed.
+template <typename acc_t>
+void spread(at::Tensor& out, const at::Tensor& zt, const at::Tensor& g, bool accumulate) {
+  if (zt.size(1) != 1) {
+    if (accumulate) {
+      out.addmm_(zt, g);
+    } else {
+      at::mm_out(out, zt, g);
+    }
+    return;
+  }
+  const int64_t W = out.size(0), n = out.size(1), ld = out.stride(0);
+  const acc_t* z = zt.const_data_ptr<acc_t>();  // [W, 1]: W contiguous values
+  const acc_t* gr = g.const_data_ptr<acc_t>();
+  acc_t* o = out.mutable_data_ptr<acc_t>();
+  for (int64_t w = 0; w < W; ++w) {
+    const acc_t zw = z[w * zt.stride(0)];
+    acc_t* ow = o + w * ld;
+    if (accumulate) {
+      for (int64_t j = 0; j < n; ++j) ow[j] += zw * gr[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) ow[j] = zw * gr[j];
+    }
+  }
+}
+
 // A [rows, n] view of a row-major matrix with `ld` columns a row, starting at p (no copy).
 template <typename T>
 at::Tensor view(const T* p, int64_t rows, int64_t n, int64_t ld) {
@@ -153,16 +191,23 @@ at::Tensor mix_tiles(const at::Tensor& z, const at::Tensor& clean, const scalar_
 }
 
 // (grad_z in the arithmetic dtype, grad_clean in clean's dtype); z [R, W] contiguous in the arithmetic dtype.
+// With grad_clean_out ([W, M] contiguous, clean's dtype) the gradient is added into it instead of
+// written to a new tensor, which is returned.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> mix_backward_tiles(const at::Tensor& grad_x, const at::Tensor& z,
-                                                      const at::Tensor& clean, const scalar_t* corrupt) {
+                                                      const at::Tensor& clean, const scalar_t* corrupt,
+                                                      const std::optional<at::Tensor>& grad_clean_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
   const int64_t R = z.size(0), W = z.size(1), M = clean.size(1);
   const auto acc = clean.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor grad_clean = at::empty({W, M}, clean.options());
-  if (R == 0 || W == 0 || M == 0) return {at::zeros({R, W}, acc), grad_clean.zero_()};
-  advise_huge_pages(grad_clean);
+  const bool accumulate = grad_clean_out.has_value();
+  at::Tensor grad_clean = accumulate ? *grad_clean_out : at::empty({W, M}, clean.options());
+  if (R == 0 || W == 0 || M == 0) {
+    if (!accumulate) grad_clean.zero_();
+    return {at::zeros({R, W}, acc), grad_clean};
+  }
+  if (!accumulate) advise_huge_pages(grad_clean);
   const int64_t T = std::min(tile_columns(W), M);
   const int64_t n_tiles = (M + T - 1) / T;
   const int64_t n_chunks = std::min(n_tiles, kMaxChunks);
@@ -203,8 +248,14 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_tiles(const at::Tensor& grad_x, 
         } else {
           p.addmm_(g, d.t());
         }
-        at::mm_out(gcv, zt, g);  // grad_clean tile = z^T @ grad_x tile
-        if constexpr (!direct) store_tile<scalar_t, acc_t>(gc, M, c0, gcbuf.data_ptr<acc_t>(), T, W, n);
+        spread<acc_t>(gcv, zt, g, accumulate && direct);  // grad_clean tile (+)= z^T @ grad_x tile
+        if constexpr (!direct) {
+          if (accumulate) {
+            add_tile<scalar_t, acc_t>(gc, M, c0, gcbuf.data_ptr<acc_t>(), T, W, n);
+          } else {
+            store_tile<scalar_t, acc_t>(gc, M, c0, gcbuf.data_ptr<acc_t>(), T, W, n);
+          }
+        }
       }
     }
   });
@@ -299,7 +350,8 @@ at::Tensor mix_forward(const at::Tensor& z, const at::Tensor& clean, const std::
 }
 
 std::tuple<at::Tensor, at::Tensor> mix_backward(const at::Tensor& grad_x, const at::Tensor& z, const at::Tensor& clean,
-                                                const std::optional<at::Tensor>& corrupt) {
+                                                const std::optional<at::Tensor>& corrupt,
+                                                const std::optional<at::Tensor>& grad_clean_out) {
   EP_CHECK_MASK(z);
   EP_CHECK_DIM(z, 2);
   check_writers(clean, corrupt, z.size(1));
@@ -307,10 +359,18 @@ std::tuple<at::Tensor, at::Tensor> mix_backward(const at::Tensor& grad_x, const 
   EP_CHECK_SIZE(grad_x, 0, z.size(0));
   EP_CHECK_SIZE(grad_x, 1, clean.size(1));
   EP_CHECK_SAME_DTYPE(grad_x, clean);
+  if (grad_clean_out.has_value()) {
+    const at::Tensor& out = *grad_clean_out;
+    EP_CHECK_DATA(out);
+    TORCH_CHECK_VALUE(out.sizes() == clean.sizes(), "grad_clean_out: expected the shape of clean ", clean.sizes(),
+                      ", got ", shape_of(out));
+    EP_CHECK_SAME_DTYPE(out, clean);
+  }
   const at::Tensor za = z.detach().to(arithmetic_dtype(clean)).contiguous();
   at::Tensor grad_z, grad_clean;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, clean.scalar_type(), "mix_backward", [&] {
-    std::tie(grad_z, grad_clean) = mix_backward_tiles<scalar_t>(grad_x, za, clean, ptr_or_null<scalar_t>(corrupt));
+    std::tie(grad_z, grad_clean) =
+        mix_backward_tiles<scalar_t>(grad_x, za, clean, ptr_or_null<scalar_t>(corrupt), grad_clean_out);
   });
   return {grad_z.to(z.scalar_type()), grad_clean};
 }

@@ -60,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor> edge_mix_forward(const at::Tensor& log_alpha_
 at::Tensor mix_forward(const at::Tensor& z, const at::Tensor& clean, const std::optional<at::Tensor>& corrupt);
 
 std::tuple<at::Tensor, at::Tensor> mix_backward(const at::Tensor& grad_x, const at::Tensor& z, const at::Tensor& clean,
-                                                const std::optional<at::Tensor>& corrupt);
+                                                const std::optional<at::Tensor>& corrupt,
+                                                const std::optional<at::Tensor>& grad_clean_out = std::nullopt);
 
 // Shared by the two files: the mask checks of hard_concrete and edge_mix.
 void check_mask_and_noise(const at::Tensor& log_alpha, const std::optional<at::Tensor>& u, bool training,

@@ -134,7 +134,7 @@ def _edge_mix_fwd_kernel(x_ptr, z_out_ptr, z_ptr, la_node_ptr, u_edge_ptr, u_nod
 def _mix_bwd_kernel(grad_clean_ptr, partials_ptr, grad_x_ptr, z_ptr, clean_ptr, corrupt_ptr,
                     R, W, M, n_col_blocks,
                     HAS_CORRUPT: tl.constexpr, ONE_R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr):
+                    ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     part_base = partials_ptr + pid.to(tl.int64) * R * W  # this program's own [R, W] slice
@@ -169,6 +169,8 @@ def _mix_bwd_kernel(grad_clean_ptr, partials_ptr, grad_x_ptr, z_ptr, clean_ptr, 
                 # add what earlier column blocks left; the first one starts the slice (no zero fill)
                 part += tl.load(part_ptrs, mask=mask_rw & (cb != pid), other=0.0)
                 tl.store(part_ptrs, part, mask=mask_rw)
+            if ACCUMULATE:  # add to the caller's gradient (summed in float32)
+                acc_c += tl.load(grad_clean_ptr + ptrs, mask=mask_t, other=0.0).to(tl.float32)
             tl.store(grad_clean_ptr + ptrs, acc_c.to(grad_clean_ptr.dtype.element_ty), mask=mask_t)
 
 
@@ -283,9 +285,12 @@ def _default_max_programs(device: torch.device) -> int:
 
 
 def mix_backward(grad_x2d: torch.Tensor, z: torch.Tensor, clean2d: torch.Tensor, corrupt2d: torch.Tensor | None,
-                 max_programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_programs: int | None = None,
+                 grad_clean_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_z [R, W] float32, grad_clean2d [W, M] in clean's dtype), one fused pass.
-    ``max_programs`` caps the persistent grid (default: 2 per SM on CUDA)."""
+    ``max_programs`` caps the persistent grid (default: 2 per SM on CUDA). ``grad_clean_out``
+    (contiguous, clean's shape and dtype): grad_clean is added into it, in the same pass, and
+    it is returned."""
     R, W = z.shape
     _check_writers(clean2d, corrupt2d, W)
     M = clean2d.shape[1]
@@ -295,16 +300,23 @@ def mix_backward(grad_x2d: torch.Tensor, z: torch.Tensor, clean2d: torch.Tensor,
     corrupt = clean2d if corrupt2d is None else corrupt2d.contiguous()
     grad_x2d = grad_x2d.contiguous()
     z = z.to(torch.float32).contiguous()
-    grad_clean = torch.empty_like(clean2d)
+    accumulate = grad_clean_out is not None
+    if accumulate and (grad_clean_out.shape != clean2d.shape or grad_clean_out.dtype != clean2d.dtype
+                       or grad_clean_out.device != clean2d.device or not grad_clean_out.is_contiguous()):
+        raise ValueError(f"grad_clean_out: expected a contiguous {clean2d.dtype} tensor of shape "
+                         f"{tuple(clean2d.shape)} on {clean2d.device}, got {grad_clean_out.dtype} "
+                         f"{tuple(grad_clean_out.shape)} on {grad_clean_out.device}")
+    grad_clean = grad_clean_out if accumulate else torch.empty_like(clean2d)
     cfg = _config("bwd", R, M, clean2d.dtype)
     n_col_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     if R == 0 or W == 0 or n_col_blocks == 0:
-        return torch.zeros((R, W), dtype=torch.float32, device=z.device), grad_clean.zero_()
+        return torch.zeros((R, W), dtype=torch.float32, device=z.device), \
+            grad_clean if accumulate else grad_clean.zero_()
     cap = max_programs if max_programs is not None else _default_max_programs(clean2d.device)
     n_prog = max(1, min(n_col_blocks, int(cap)))
     partials = torch.empty((n_prog, R, W), dtype=torch.float32, device=z.device)  # every program fills its slice
     _mix_bwd_kernel[(n_prog,)](
         grad_clean, partials, grad_x2d, z, clean2d, corrupt, R, W, M, n_col_blocks,
         HAS_CORRUPT=corrupt2d is not None, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=_dot_precision(clean2d.dtype),
-        **cfg)
+        ACCUMULATE=accumulate, **cfg)
     return partials.sum(0), grad_clean

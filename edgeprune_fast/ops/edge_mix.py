@@ -14,11 +14,17 @@ to corrupt:
     dL/dclean[w]    = sum_r z_eff[r, w] * dL/dx[r]
 
 `edge_mix` samples the hard-concrete masks and mixes in one pass; `mix` mixes with
-given masks (fixed circuits, evaluation). The backend (Triton, C++, reference) is chosen
+given masks (fixed circuits, evaluation). Both take ``grad_into``: a tensor like clean (or
+a function returning one when backward runs, so that it need not exist before) into which
+backward *adds* dL/dclean in place, instead of returning it through autograd. Callers that
+sum the gradients of many overlapping reads (the model's slot buffer, writers.py) so skip
+one [W, *, D] tensor and one pass over it per read. The backend (Triton, C++, reference) is chosen
 in `backends`; the autograd Functions here are shared by all of them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -61,12 +67,14 @@ class EdgeMixFunction(torch.autograd.Function):
     backward, then the chain rule through the masks, recomputed from log_alpha and u/seed."""
 
     @staticmethod
-    def forward(ctx, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params, backend):
+    def forward(ctx, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params, backend,
+                sink):
         x2d, z_eff = backend.edge_mix_forward(
             la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params
         )
         ctx.save_for_backward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, z_eff)
         ctx.seed, ctx.training, ctx.params, ctx.backend = seed, training, params, backend
+        ctx.sink = sink
         return x2d, z_eff
 
     @staticmethod
@@ -76,13 +84,14 @@ class EdgeMixFunction(torch.autograd.Function):
         R, W = la_edge.shape
         g_z, g_clean = None, None
         if grad_x2d is not None:
-            g_z, g_clean = b.mix_backward(grad_x2d.contiguous(), z_eff, clean2d, corrupt2d)
-            if not ctx.needs_input_grad[2]:
+            out = None if ctx.sink is None else ctx.sink()
+            g_z, g_clean = b.mix_backward(grad_x2d.contiguous(), z_eff, clean2d, corrupt2d, out)
+            if not ctx.needs_input_grad[2] or out is not None:
                 g_clean = None
         if grad_z_eff is not None:
             g_z = grad_z_eff.to(la_edge.dtype) if g_z is None else g_z + grad_z_eff.to(la_edge.dtype)
         if g_z is None:
-            return (None,) * 10
+            return (None,) * 11
         g_la_node = None
         if la_node is None:
             g_z_edge = g_z
@@ -92,21 +101,22 @@ class EdgeMixFunction(torch.autograd.Function):
             g_z_edge = g_z * z_node[None, :]
             g_la_node = b.hard_concrete_backward((g_z * z_edge).sum(0), la_node, u_node, seed, R * W, training, p)
         g_la_edge = b.hard_concrete_backward(g_z_edge.contiguous(), la_edge, u_edge, seed, 0, training, p)
-        return g_la_edge, g_la_node, g_clean, None, None, None, None, None, None, None
+        return g_la_edge, g_la_node, g_clean, None, None, None, None, None, None, None, None
 
 
 class MixFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z, clean2d, corrupt2d, backend):
+    def forward(ctx, z, clean2d, corrupt2d, backend, sink):
         ctx.save_for_backward(z, clean2d, corrupt2d)
-        ctx.backend = backend
+        ctx.backend, ctx.sink = backend, sink
         return backend.mix_forward(z, clean2d, corrupt2d)
 
     @staticmethod
     def backward(ctx, grad_x2d):
         z, clean2d, corrupt2d = ctx.saved_tensors
-        g_z, g_clean = ctx.backend.mix_backward(grad_x2d.contiguous(), z, clean2d, corrupt2d)
-        return g_z.to(z.dtype), g_clean, None, None
+        out = None if ctx.sink is None else ctx.sink()
+        g_z, g_clean = ctx.backend.mix_backward(grad_x2d.contiguous(), z, clean2d, corrupt2d, out)
+        return g_z.to(z.dtype), None if out is not None else g_clean, None, None, None
 
 
 def _check_writers(clean, corrupt, W: int, W_from: str) -> None:
@@ -127,6 +137,26 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(t.shape[0], -1).contiguous()
 
 
+def _sink(grad_into, clean: torch.Tensor):
+    """None, or a function giving grad_into as the [W, M] view that backward adds into (never a
+    copy: the additions must land in it). A tensor is checked now, a function's result then."""
+    if grad_into is None:
+        return None
+    shape, dtype, device = clean.shape, clean.dtype, clean.device
+
+    def resolve() -> torch.Tensor:
+        t = grad_into() if callable(grad_into) else grad_into
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or t.device != device \
+                or not t.is_contiguous():
+            raise ValueError(f"grad_into: expected a contiguous tensor of clean's shape {tuple(shape)}, dtype "
+                             f"{dtype} and device {device}, got {describe(t)}")
+        return t.view(t.shape[0], -1)
+
+    if not callable(grad_into):
+        resolve()
+    return resolve
+
+
 def edge_mix(
     log_alpha_edge: torch.Tensor,
     clean: torch.Tensor,
@@ -138,13 +168,14 @@ def edge_mix(
     seed: int | None = None,
     training: bool = True,
     params: HardConcreteParams | None = None,
+    grad_into: torch.Tensor | Callable[[], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample edge (and node) masks and mix clean/corrupted writer outputs in one pass.
 
     log_alpha_edge [R, W]; clean [W, *, D]; corrupt like clean or None (zero ablation);
     log_alpha_node [W] or None. Returns (x [R, *, D], z_eff [R, W]). Explicit u_edge
     (and u_node) make it deterministic; otherwise ``seed`` or a seed drawn from torch's
-    default generator picks the noise."""
+    default generator picks the noise. ``grad_into``: see the module docstring."""
     p = resolve(params)
     check_tensor("log_alpha_edge", log_alpha_edge, ndim=2)
     check_finite("log_alpha_edge", log_alpha_edge)
@@ -165,6 +196,7 @@ def edge_mix(
         check_u("u_node", u_node, (W,), p)
     check_same_device(log_alpha_edge=log_alpha_edge, clean=clean, corrupt=corrupt,
                       log_alpha_node=log_alpha_node, u_edge=u_edge, u_node=u_node)
+    sink = _sink(grad_into, clean)
 
     cd = torch.float64 if log_alpha_edge.dtype == torch.float64 else torch.float32
     la_edge = log_alpha_edge.to(cd).contiguous()
@@ -184,18 +216,22 @@ def edge_mix(
             u_edge = u_all[: R * W].view(R, W)
             u_node = None if la_node is None else u_all[R * W :].contiguous()
             seed = None
-    x2d, z_eff = EdgeMixFunction.apply(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, p, backend)
+    x2d, z_eff = EdgeMixFunction.apply(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, p, backend,
+                                       sink)
     return x2d.view(R, *clean.shape[1:]), z_eff
 
 
-def mix(z: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor | None = None) -> torch.Tensor:
-    """x[r] = sum_w z[r, w]*clean[w] + (1 - z[r, w])*corrupt[w] for given masks z [R, W]."""
+def mix(z: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor | None = None, *,
+        grad_into: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """x[r] = sum_w z[r, w]*clean[w] + (1 - z[r, w])*corrupt[w] for given masks z [R, W];
+    ``grad_into``: see the module docstring."""
     check_tensor("z", z, ndim=2)
     R, W = z.shape
     _check_writers(clean, corrupt, W, "z.shape[1]")
     check_same_device(z=z, clean=clean, corrupt=corrupt)
+    sink = _sink(grad_into, clean)
     cd = torch.float64 if z.dtype == torch.float64 else torch.float32
     zc = z.to(cd).contiguous()
     clean2d, corrupt2d = _flat(clean), _flat(corrupt)
     backend = backends.choose("mix", [zc, clean2d])
-    return MixFunction.apply(zc, clean2d, corrupt2d, backend).view(R, *clean.shape[1:])
+    return MixFunction.apply(zc, clean2d, corrupt2d, backend, sink).view(R, *clean.shape[1:])

@@ -47,3 +47,29 @@ def torch_low_precision(la, ln, clean, corrupt, ue, un, wx, wz):
         x = x + torch.einsum("rw,w...->r...", (1 - z).to(dt), corrupt)
     ((x.float() * wx).sum() + (z * wz).sum()).backward()
     return x.detach(), z.detach(), la.grad, ln.grad, clean.grad
+
+
+def grad_into_runs(R, W, N, D, *, corrupted, dtype=torch.float32, device="cpu"):
+    """edge_mix and mix run twice under the current backend: plainly, and with ``grad_into``
+    holding a nonzero start G0. Returns [(name, plain, accumulated)] pairs that must agree:
+    the mask gradients, G - G0 against the plain clean gradient, and clean.grad (None when
+    the gradient went into G)."""
+    from edgeprune_fast.ops import edge_mix, mix
+
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(R, W, N, D, corrupted=corrupted, node=True, dtype=dtype,
+                                                     device=device)
+    g = torch.randn(R, N, D).to(device, dtype)
+    g0 = torch.randn(W, N, D).to(device, dtype)
+    z = torch.rand(R, W).to(device)
+    out = []
+    for name, call in (("edge_mix", lambda c, a, b, **kw: edge_mix(a, c, corrupt, log_alpha_node=b, u_edge=ue,
+                                                                      u_node=un, **kw)[0]),
+                       ("mix", lambda c, a, b, **kw: mix(z, c, corrupt, **kw))):
+        a, b, c = leaves(la, ln, clean)
+        call(c, a, b).backward(g)
+        a2, b2, c2 = leaves(la, ln, clean)
+        G = g0.clone()
+        call(c2, a2, b2, grad_into=G).backward(g)
+        out += [(f"{name} grad log_alpha_edge", a.grad, a2.grad), (f"{name} grad log_alpha_node", b.grad, b2.grad),
+                (f"{name} G - G0", c.grad.double(), (G.double() - g0.double())), (f"{name} clean.grad", None, c2.grad)]
+    return out

@@ -30,7 +30,14 @@ from edgeprune_fast.ops.backends import cpp as cpp_backend
 if _native.load() is None:
     pytest.skip(f"the C++ extension is not available: {_native.load_error()}", allow_module_level=True)
 
-from tests.ops._edge_mix_cases import edge_mix_inputs, leaves, run_edge_mix, torch_low_precision, uniform_noise
+from tests.ops._edge_mix_cases import (
+    edge_mix_inputs,
+    grad_into_runs,
+    leaves,
+    run_edge_mix,
+    torch_low_precision,
+    uniform_noise,
+)
 
 _C = _native.load()
 P = HardConcreteParams()
@@ -296,3 +303,30 @@ def test_forced_on_what_it_cannot_serve_lists_every_reason(monkeypatch):
 def test_seed_is_refused_by_the_kernels():
     with pytest.raises(RuntimeError, match="supports_seed=False"):
         cpp_backend.BACKEND.hard_concrete_forward(torch.zeros(2), None, 3, 0, True, P)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("R", [1, 4, 70])
+@pytest.mark.parametrize("corrupted", [True, False])
+def test_grad_into_adds_the_clean_gradient_in_place(dtype, R, corrupted):
+    """grad_into: backward adds dL/dclean into the given tensor (one reader: the row-scaling
+    path; several: the matrix product; 70: past a tile of readers) and returns none."""
+    tol = TOL.get(dtype, dict(rtol=2e-2, atol=2e-2))
+    with use_backend("cpp"):
+        runs = grad_into_runs(R, 37, 11, 13, corrupted=corrupted, dtype=dtype)
+    for name, want, got in runs:
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_grad_into_is_checked():
+    la, clean = torch.zeros(2, 3), torch.zeros(3, 4, 5)
+    for bad in (torch.zeros(3, 4, 6), torch.zeros(3, 4, 5, dtype=torch.float64), torch.zeros(3, 5, 4).transpose(1, 2)):
+        with pytest.raises(ValueError, match="grad_into: expected a contiguous tensor of clean's shape"):
+            edge_mix(la, clean, grad_into=bad)
+        with pytest.raises(ValueError, match="grad_into"):
+            mix(la, clean, grad_into=bad)
+    with pytest.raises(ValueError, match="grad_clean_out: expected the shape of clean"):
+        _C.mix_backward(torch.zeros(2, 20), la, clean.view(3, 20), None, torch.zeros(3, 21))

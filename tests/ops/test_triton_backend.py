@@ -39,6 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 from tests.ops._edge_mix_cases import (  # noqa: E402
     edge_mix_inputs,
+    grad_into_runs,
     leaves,
     run_edge_mix,
     torch_low_precision,
@@ -139,6 +140,20 @@ def test_mix_matches_reference(corrupted):
     torch.testing.assert_close(x, x_ref, **TOL32)
     torch.testing.assert_close(zt.grad, zr.grad, **TOL32)
     torch.testing.assert_close(ct.grad, cr.grad, **TOL32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("R", [1, 5])
+def test_grad_into_adds_the_clean_gradient_in_place(dtype, R):
+    """grad_into: the backward kernel adds dL/dclean into the given tensor and returns none."""
+    tol = TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with use_backend("triton"):
+        runs = grad_into_runs(R, 17, 3, 13, corrupted=True, dtype=dtype, device=DEVICE)
+    for name, want, got in runs:
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("max_programs", [1, 2, None])
@@ -299,11 +314,12 @@ for dtype, data in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
         sizes.append(build(em._edge_mix_fwd_kernel, data, dict(
             GIVEN_Z=given, HAS_NODE=True, TRAINING=True, USE_SEED=True, HAS_CORRUPT=True,
             DOT_PRECISION=prec, **cfg), nw, ns))
-    for R in (64, 200):
+    for R, accumulate in ((64, False), (200, False), (36, True)):
         cfg = em._config("bwd", R, 10**6, dtype)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
         sizes.append(build(em._mix_bwd_kernel, data, dict(
-            HAS_CORRUPT=True, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=prec, **cfg), nw, ns))
+            HAS_CORRUPT=True, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=prec, ACCUMULATE=accumulate, **cfg),
+            nw, ns))
 print(json.dumps(sizes))
 """
 

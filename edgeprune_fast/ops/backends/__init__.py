@@ -15,7 +15,9 @@ Each backend module exposes ``BACKEND``, an object with:
     edge_mix_forward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params)
         -> (x2d [R, M] in clean's dtype, z_eff [R, W] float32)
     mix_forward(z, clean2d, corrupt2d) -> x2d
-    mix_backward(grad_x2d, z, clean2d, corrupt2d) -> (grad_z [R, W] float32, grad_clean2d)
+    mix_backward(grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None) -> (grad_z [R, W] float32, grad_clean2d)
+        with grad_clean_out (a contiguous tensor like clean2d) grad_clean2d is added into it in
+        place and it is returned
 
 ``offset`` is the position of log_alpha's first entry in the seed's stream: edge masks
 use 0..R*W-1, node masks R*W..R*W+W-1, so one seed gives both.

@@ -65,8 +65,8 @@ class CppBackend:
     def mix_forward(self, z, clean2d, corrupt2d):
         return self._c().mix_forward(z, clean2d, corrupt2d)
 
-    def mix_backward(self, grad_x2d, z, clean2d, corrupt2d):
-        return self._c().mix_backward(grad_x2d.to(clean2d.dtype).contiguous(), z, clean2d, corrupt2d)
+    def mix_backward(self, grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None):
+        return self._c().mix_backward(grad_x2d.to(clean2d.dtype).contiguous(), z, clean2d, corrupt2d, grad_clean_out)
 
 
 BACKEND = CppBackend()

@@ -35,13 +35,13 @@ class ReferenceBackend:
     def mix_forward(self, z, clean2d, corrupt2d):
         return mix_reference(z, clean2d, corrupt2d)
 
-    def mix_backward(self, grad_x2d, z, clean2d, corrupt2d):
+    def mix_backward(self, grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None):
         with torch.enable_grad():
             zg = z.detach().requires_grad_(True)
             cg = clean2d.detach().requires_grad_(True)
             x = mix_reference(zg, cg, corrupt2d)
             gz, gc = torch.autograd.grad(x, (zg, cg), grad_x2d)
-        return gz, gc
+        return gz, gc if grad_clean_out is None else grad_clean_out.add_(gc)
 
 
 BACKEND = ReferenceBackend()

@@ -84,8 +84,8 @@ class TritonBackend:
     def mix_forward(self, z, clean2d, corrupt2d):
         return self._k().mix_forward(z, clean2d, corrupt2d)
 
-    def mix_backward(self, grad_x2d, z, clean2d, corrupt2d):
-        return self._k().mix_backward(grad_x2d, z, clean2d, corrupt2d)
+    def mix_backward(self, grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None):
+        return self._k().mix_backward(grad_x2d, z, clean2d, corrupt2d, grad_clean_out=grad_clean_out)
 
 
 BACKEND = TritonBackend()
