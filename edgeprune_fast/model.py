@@ -306,27 +306,31 @@ class EdgePrunedModel(nn.Module):
     # -- reference (unmodified model) ---------------------------------------------------------------
     @torch.no_grad()
     def reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  position_ids: torch.Tensor | None = None, states: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  position_ids: torch.Tensor | None = None, states: bool = True,
+                  logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits [B, S, V], writer states [W, B, S, D] in ``graph.writers`` order) from one
         plain no-grad forward of the unmodified model with each head's output captured. Pass
         the states of the corrupted input as ``corrupted_writers`` to reuse them across steps.
         ``states=False``: the logits only (states None), a plain forward with no capture, for
-        the clean input whose states a step does not use."""
+        the clean input whose states a step does not use. ``logits=False``: the states only
+        (logits None), the forward stopping before the unembedding, for the corrupted input."""
+        if not (states or logits):
+            raise ValueError("states, logits: expected at least one of them True, got both False")
         ids = self._check_ids("input_ids", input_ids)
         mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
         pos = self._positions(position_ids, *ids.shape)
         with self._gathered_root():  # sharded: FSDP's own hooks gather each layer in the HF forward
             if not states and self.adapter.reference_fn is None:
                 return self.adapter.full_forward(ids, mask, pos), None
-            logits, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos)
-        return logits, writer_states if states else None
+            out, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos, logits=logits)
+        return out, writer_states if states else None
 
     @torch.no_grad()
     def compute_mean_writers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                              per_position: bool = False) -> torch.Tensor:
         """Mean writer outputs over the batch and the real (unpadded) positions: [W, D], or
         per position [W, S, D]; pass to ``set_mean_writers`` for mean ablation."""
-        _, states = self.reference(input_ids, attention_mask)
+        _, states = self.reference(input_ids, attention_mask, logits=False)
         w = torch.ones(input_ids.shape, device=states.device) if attention_mask is None else \
             attention_mask.to(states.device).float()
         sw = (states.float() * w[None, :, :, None])
@@ -365,7 +369,8 @@ class EdgePrunedModel(nn.Module):
         cids = self._check_ids("corrupted_input_ids", corrupted_input_ids, like=ids)
         cmask = self._check_attention_mask("corrupted_attention_mask", corrupted_attention_mask, ids.shape)
         with self._gathered_root():
-            return self.place_corrupted_writers(capture_writer_states(self.adapter, self._graph, cids, cmask, pos)[1])
+            states = capture_writer_states(self.adapter, self._graph, cids, cmask, pos, logits=False)[1]
+            return self.place_corrupted_writers(states)
 
     def place_corrupted_writers(self, states: torch.Tensor) -> torch.Tensor:
         """Corrupted states [W, B, S, D] where the forward keeps them: in the model dtype, on the
@@ -474,12 +479,13 @@ class EdgePrunedModel(nn.Module):
         m, n = self.masks, self._graph.groups[gi].n_upstream
         clean = store.read(n)
         cor = None if corrupt is None else corrupt[:n].to(clean.device, non_blocking=True)  # streamed if on CPU
+        sink = store.grad_into(n) if torch.is_grad_enabled() else None  # backward adds into the slots' gradient
         if m.circuit is not None:
             z = m.circuit[gi]
-            x = mix(z, clean, cor)
+            x = mix(z, clean, cor, grad_into=sink)
         else:
             la = m.edge_log_alpha[gi]
-            kw: dict = {"training": training, "params": m.params, **noise}
+            kw: dict = {"training": training, "params": m.params, "grad_into": sink, **noise}
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
             x, z = edge_mix(la, clean, cor, **kw)

@@ -8,10 +8,13 @@ them, never a copy. Two autograd Functions make this differentiable:
     token' = WriteSlots(token, y [k, B, S, D], slot)   copies y into buffer[slot:slot+k]
     view   = ReadSlots(token, n)                        buffer[:n]
 
-``token`` is a zero-size tensor threaded through every write and read. Backward:
-ReadSlots adds its incoming gradient into a gradient buffer ``G[:n]`` in place (the first
-to run starts G with it), and
-WriteSlots returns ``G[slot:slot+k]`` as y's gradient. The token chain orders backward
+``token`` is a zero-size tensor threaded through every write and read. Backward: every
+read's gradient is added into a gradient buffer ``G[:n]`` in place, and WriteSlots returns
+``G[slot:slot+k]`` as y's gradient. The model's reads hand ``grad_into(n)`` (giving the view
+G[:n]) to edge_mix, whose backward adds into it directly, so no [n, B, S, D] gradient is
+made per read; a read whose gradient comes back through autograd instead has ReadSlots add
+it. G is allocated, zeroed, by the first backward that needs it (the last read's): it does
+not exist during the forward. The token chain orders backward
 correctly: every read of slot s happens after the write of s, so it holds a token derived
 from the write's token, and autograd runs a node's backward only after all nodes that
 consumed its outputs; hence all readers of a slot have added into G before its writer
@@ -47,7 +50,7 @@ class WriterStore:
     def __init__(self, n_writers: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
                  track_grad: bool) -> None:
         self.buffer = torch.empty(n_writers, *shape, dtype=dtype, device=device)
-        self.grad: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None  # G, see the module docstring
         self.token = torch.empty(0, dtype=dtype, device=device, requires_grad=track_grad)
         self.n_written = 0
 
@@ -63,6 +66,17 @@ class WriterStore:
         """Continue the chain from ``token`` with ``n_written`` slots filled: a checkpointed
         layer's recomputation starts again from its first slot and rewrites the same values."""
         self.token, self.n_written = token, n_written
+
+    def gradient(self) -> torch.Tensor:
+        """G, allocated zeroed on first use (in backward)."""
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.buffer)
+        return self.grad
+
+    def grad_into(self, n: int):
+        """For edge_mix's ``grad_into`` on a read of n slots: a function giving G[:n] when
+        backward runs (None without autograd)."""
+        return (lambda: self.gradient()[:n]) if self.token.requires_grad else None
 
     def read(self, n: int) -> torch.Tensor:
         """The view buffer[:n] of the first n writers (all already written)."""
@@ -89,6 +103,7 @@ class WriteSlots(torch.autograd.Function):
 class ReadSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, store: WriterStore, n: int):
+        ctx.set_materialize_grads(False)  # None when the reader added into G itself (grad_into)
         ctx.store, ctx.n = store, n
         ctx.token_like = (token.dtype, token.device)
         return store.buffer[:n].detach()  # an alias of the slots, not a copy
@@ -96,12 +111,8 @@ class ReadSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         store, n = ctx.store, ctx.n
-        if store.grad is None:  # the first read to run backward: its gradient starts G (one pass, no zero fill + add)
-            store.grad = torch.empty_like(store.buffer)
-            store.grad[:n].copy_(g)
-            store.grad[n:].zero_()
-        else:
-            store.grad[:n] += g
+        if g is not None:
+            store.gradient()[:n] += g
         dtype, device = ctx.token_like
         return torch.empty(0, dtype=dtype, device=device), None, None
 
@@ -150,12 +161,15 @@ def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None,
 
 @torch.no_grad()
 def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tensor,
-                          attention_mask: torch.Tensor | None,
-                          position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                          attention_mask: torch.Tensor | None, position_ids: torch.Tensor, *,
+                          logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(logits, states [W, B, S, D] in graph writer order) from one plain forward of the
-    unmodified model with per-head outputs captured (see the module docstring)."""
+    unmodified model with per-head outputs captured (see the module docstring).
+    ``logits=False``: (None, states), the forward stopping before the unembedding where the
+    adapter has a ``body_forward`` (the corrupted run's logits are never used)."""
     if adapter.reference_fn is not None:
-        return adapter.reference_fn(input_ids, attention_mask, position_ids, graph)
+        out = adapter.reference_fn(input_ids, attention_mask, position_ids, graph)
+        return out if logits else (None, out[1])
     B, S = input_ids.shape
     states = torch.empty(graph.n_writers, B, S, adapter.d_model, dtype=adapter.dtype, device=input_ids.device)
     emb = embedding_writers(adapter, input_ids, position_ids, graph.config.split_embeds)
@@ -175,5 +189,8 @@ def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tenso
 
         regs += [(spec.o_proj, "pre", z_hook), (spec.mlp, "post", mlp_hook)]
     with hooks(regs):
-        logits = adapter.full_forward(input_ids, attention_mask, position_ids)
-    return logits, states
+        if logits or adapter.body_forward is None:
+            out = adapter.full_forward(input_ids, attention_mask, position_ids)
+        else:
+            adapter.body_forward(input_ids, attention_mask, position_ids)
+    return (out if logits else None), states

@@ -28,6 +28,10 @@ class CatStore:
     def read(self, n):
         return torch.cat(self.parts)[:n]
 
+    def grad_into(self, n):  # gradients through autograd (the cat's backward)
+        return None
+
+
 
 def _ids(seed):
     return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
