@@ -64,11 +64,11 @@ def main() -> None:
         return float(kl.detach())
 
     def step():
-        full_logits, _ = pruned.reference(ids)
-        _, corrupted = pruned.reference(cids)
+        full_logits, _ = pruned.reference(ids, states=False)
+        _, corrupted = pruned.reference(cids, logits=False)
         return masked_step(full_logits, corrupted)
 
-    cached = (pruned.reference(ids)[0], pruned.reference(cids)[1])
+    cached = (pruned.reference(ids, states=False)[0], pruned.reference(cids, logits=False)[1])
 
     def cached_step():
         return masked_step(*cached)

@@ -80,8 +80,8 @@ def make_step(pruned, point: dict, device: str):
     opt = torch.optim.AdamW(pruned.edge_log_alpha_parameters() + pruned.node_log_alpha_parameters(), lr=0.1)
 
     def step() -> float:
-        full_logits = pruned.reference(ids)[0]  # indexing, not unpacking: nothing else stays alive
-        corrupted = pruned.reference(cids)[1]
+        full_logits = pruned.reference(ids, states=False)[0]  # indexing, not unpacking: nothing else stays alive
+        corrupted = pruned.reference(cids, logits=False)[1]
         out = pruned(ids, corrupted_writers=corrupted, training=True)
         kl = F.kl_div(out.logits.float().log_softmax(-1), full_logits.float().log_softmax(-1), log_target=True,
                       reduction="batchmean")

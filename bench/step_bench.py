@@ -113,7 +113,7 @@ def ours_step(hf, checkpoint_layers: bool = False):
     def step(ids, cids):
         with record_function("phase: reference passes"):
             full_logits, _ = pruned.reference(ids, states=False)
-            _, corrupted = pruned.reference(cids)
+            _, corrupted = pruned.reference(cids, logits=False)
         with record_function("phase: masked forward"):
             out = pruned(ids, corrupted_writers=corrupted, training=True)
         with record_function("phase: loss"):
@@ -420,7 +420,7 @@ def main() -> None:
         ap.error(f"--methods: expected names from {', '.join(METHODS)}, got {', '.join(sorted(unknown))}")
     if args.device == "cpu" and not args.default_malloc:
         reexec_with_fixed_malloc()
-    elif not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is available")
     if args.threads:
         torch.set_num_threads(args.threads)

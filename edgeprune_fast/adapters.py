@@ -29,6 +29,10 @@ function ``model -> Adapter`` and registering it in ``ADAPTERS``; the fields are
     causal          False for bidirectional attention (tracr)
     parallel_mlp    True when the MLP reads the layer's input, not the attention's output
     full_forward    (input_ids, attention_mask, position_ids) -> logits of the unmodified model
+    body_forward    optional (input_ids, attention_mask, position_ids) -> anything: every layer of
+                    the unmodified model without the unembedding (HF: ``model.base_model``),
+                    so that capturing writer states alone does not pay for the logits; None:
+                    ``full_forward`` is used
     reference_fn    optional (input_ids, attention_mask, position_ids, graph) ->
                     (logits, writer states [W, B, S, D]); when None the states are captured
                     with hooks on ``LayerSpec.o_proj`` (pre-hook: z) and ``LayerSpec.mlp``
@@ -117,6 +121,7 @@ class Adapter:
     causal: bool = True
     parallel_mlp: bool = False
     reference_fn: Callable | None = None
+    body_forward: Callable | None = None
     layer_fn: Callable[[int], LayerSpec] | None = None
 
     @property
@@ -154,6 +159,14 @@ def _hf_forward(model: nn.Module) -> Callable:
     return forward
 
 
+def _hf_body_forward(model: nn.Module) -> Callable:
+    """The decoder without the LM head (its [B, S, V] product is the largest of a small model's forward)."""
+    def forward(input_ids, attention_mask, position_ids):
+        return model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False)
+    return forward
+
+
 def _rotary_fn(attn_module: nn.Module) -> Callable:
     import sys
 
@@ -186,7 +199,7 @@ def gpt2_adapter(model: nn.Module) -> Adapter:
         architecture="GPT2LMHeadModel", model=model, layers=tuple(map(layer_fn, range(len(tr.h)))),
         d_model=cfg.n_embd, n_ctx=cfg.n_positions, embed_tokens=tr.wte, embed_positions=tr.wpe, rotary=None,
         apply_rotary=None, final_norm=tr.ln_f, unembed=model.lm_head, full_forward=_hf_forward(model),
-        layer_fn=layer_fn)
+        body_forward=_hf_body_forward(model), layer_fn=layer_fn)
 
 
 def _llama_layer(model: nn.Module, i: int) -> LayerSpec:
@@ -210,7 +223,8 @@ def _llama_like(model: nn.Module, architecture: str) -> Adapter:
         architecture=architecture, model=model, layers=tuple(map(layer_fn, range(len(base.layers)))),
         d_model=cfg.hidden_size, n_ctx=cfg.max_position_embeddings, embed_tokens=base.embed_tokens,
         embed_positions=None, rotary=base.rotary_emb, apply_rotary=_rotary_fn(base.layers[0].self_attn),
-        final_norm=base.norm, unembed=model.lm_head, full_forward=_hf_forward(model), layer_fn=layer_fn)
+        final_norm=base.norm, unembed=model.lm_head, full_forward=_hf_forward(model),
+        body_forward=_hf_body_forward(model), layer_fn=layer_fn)
 
 
 def llama_adapter(model: nn.Module) -> Adapter:
@@ -250,7 +264,7 @@ def gpt_neox_adapter(model: nn.Module) -> Adapter:
         d_model=cfg.hidden_size, n_ctx=cfg.max_position_embeddings, embed_tokens=base.embed_in,
         embed_positions=None, rotary=base.rotary_emb, apply_rotary=_rotary_fn(base.layers[0].attention),
         final_norm=base.final_layer_norm, unembed=model.lm_head, full_forward=_hf_forward(model),
-        parallel_mlp=bool(cfg.use_parallel_residual), layer_fn=layer_fn)
+        body_forward=_hf_body_forward(model), parallel_mlp=bool(cfg.use_parallel_residual), layer_fn=layer_fn)
 
 
 def _tracr_adapter(model: nn.Module) -> Adapter:

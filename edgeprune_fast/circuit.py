@@ -329,7 +329,7 @@ def evaluate(model, edges: Iterable[str | Sequence[str] | Edge], batches: Sequen
         if model.ablation == "corrupted":
             if batch.corrupted_input_ids is None:
                 raise ValueError("batches: corrupted ablation needs corrupted_input_ids in every batch, got None")
-            corrupted = model.reference(batch.corrupted_input_ids, batch.attention_mask)[1]
+            corrupted = model.reference(batch.corrupted_input_ids, batch.attention_mask, logits=False)[1]
         kw = dict(attention_mask=batch.attention_mask, corrupted_writers=corrupted, training=False)
         with circuit_set(model, edges):
             circ = model(batch.input_ids, **kw).logits

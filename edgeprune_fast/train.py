@@ -257,7 +257,7 @@ class Trainer:
             if batch.corrupted_input_ids is None:
                 raise ValueError(f"batches[{index}].corrupted_input_ids: required under the model's "
                                  f"ablation='corrupted', got None")
-            _, corrupted = self.model.reference(batch.corrupted_input_ids, batch.attention_mask)
+            _, corrupted = self.model.reference(batch.corrupted_input_ids, batch.attention_mask, logits=False)
             if hasattr(self.model, "place_corrupted_writers"):  # e.g. in host memory (corrupted_on_cpu)
                 corrupted = self.model.place_corrupted_writers(corrupted)
         entry = (batch, full_logits, corrupted)
