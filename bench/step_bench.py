@@ -31,13 +31,17 @@ the Lagrangian l1 (t - s) + l2 (t - s)^2 for edges and nodes (ARCHITECTURE.md §
 
 Time: median wall time of ``--reps`` steps after one warm-up step (fewer where one step is
 slow: the timed steps of a method at a point stop at ``--method-seconds``, the original's at
-``--baseline-seconds``; at least one). Memory: peak above the level at the start of each step
-(bench/common.py ``PeakMemory``: RSS high-water mark on CPU with a fixed malloc threshold,
-``max_memory_allocated`` on CUDA), median over the timed steps. The weights are loaded before
-and shared, so they are not part of the peaks. The fixed malloc threshold returns every large
-tensor to the OS, which costs page faults in every method; ``--default-malloc`` times without
-it (its peaks are then not reliable). Timing on a shared machine is noisy: compare methods
-only within one run.
+``--baseline-seconds``; at least one), with glibc's default malloc, as users run. Memory:
+peak above the level at the start of a step (bench/common.py ``PeakMemory``), after one
+warm-up step: ``max_memory_allocated`` on CUDA, in the same process; on the CPU the resident
+high-water mark, measured in a child process (``--peaks-only``) whose malloc mmap threshold
+is fixed, so that every large freed tensor goes back to the OS and cannot hide a later peak
+(glibc's default keeps freed memory resident and reuses it, which makes RSS peaks
+meaningless). That fixed threshold makes every large allocation fault its pages in anew,
+which costs time in every method (most in ours: many large short-lived tensors); the
+child's step times are recorded as ``seconds_fixed_malloc`` beside the timed ones. The
+weights are loaded before and shared, so they are not part of the peaks. Timing on a shared
+machine is noisy: compare methods only within one run.
 
 GPU (``--device cuda``): one point (12 layers unless ``--layers``), peaks from
 ``torch.cuda.max_memory_allocated``, the GPU's name in the results (``machine.gpu``), target
@@ -64,7 +68,9 @@ import argparse
 import csv
 import gc
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -73,7 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.common import RESULTS, PeakMemory, machine, reexec_with_fixed_malloc, write_json
+from bench.common import MALLOC_ENV, RESULTS, PeakMemory, machine, reexec_with_fixed_malloc, write_json
 
 TARGET_SPARSITY = 0.5
 METHODS = ("hf_floor", "hf_floor_weight_grads", "ours", "ours_checkpointed", "original")
@@ -188,6 +194,30 @@ def measure(step, ids, cids, *, reps: int, device: str, max_seconds: float | Non
             "warmup_seconds": round(warm_s, 4), "reps": n}
 
 
+def peaks_from_child(p: Point, args, rows: list[dict], skipped: list[dict]) -> None:
+    """CPU peaks of the methods in ``rows``, measured in a child with a fixed malloc threshold
+    (see the module docstring); they replace the rows' peaks. A method whose peak could not
+    be measured loses its row to ``skipped``."""
+    cmd = [sys.executable, "-m", "bench.step_bench", "--peaks-only", "--layers", str(p.n_layer), "--batch",
+           str(p.batch), "--seq", str(p.seq), "--dtype", args.dtype, "--threads", str(args.threads),
+           "--methods", ",".join(r["method"] for r in rows), "--baseline-max-gb", str(args.baseline_max_gb)]
+    cmd += ["--backend", args.backend] if args.backend else []
+    out = subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True,
+                         cwd=RESULTS.parent.parent)
+    lines = out.stdout.strip().splitlines()
+    peaks = json.loads(lines[-1]) if out.returncode == 0 and lines else {}
+    for r in list(rows):
+        got = peaks.get(r["method"])
+        if got is None:
+            why = f"peak not measured: the --peaks-only child exited {out.returncode}: {out.stderr.strip()[-300:]}"
+            skipped.append({**{k: v for k, v in r.items() if k in ("device", "dtype", "sweep", "n_layer", "batch",
+                                                                   "seq")}, "method": r["method"], "reason": why})
+            rows.remove(r)
+            continue
+        r.update(peak_bytes=got["peak_bytes"], peak_bytes_max=got["peak_bytes_max"],
+                 seconds_fixed_malloc=round(got["seconds"], 4))
+
+
 def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[list[dict], list[dict]]:
     """All methods at one point (hf_floor_weight_grads only at the main point, for comparison)."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -237,8 +267,12 @@ def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[lis
             if args.device == "cuda":
                 torch.cuda.empty_cache()
         rows.append({**common, "method": name, **r})
-        print(f"  {name:<22} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} s CPU)  peak {r['peak_bytes'] / 1e9:6.3f} GB  "
-              f"({r['peak_bytes'] / writer_bytes:5.1f} writer tensors; {r['reps']} reps)", flush=True)
+        print(f"  {name:<22} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} s CPU; {r['reps']} reps)", flush=True)
+    if args.device == "cpu" and not args.peaks_only and rows:
+        peaks_from_child(p, args, rows, skipped)
+    for r in rows:
+        print(f"  {r['method']:<22} peak {r['peak_bytes'] / 1e9:6.3f} GB ({r['peak_bytes'] / writer_bytes:5.1f} writer "
+              f"tensors)", flush=True)
     floor = next((r for r in rows if r["method"] == "hf_floor"), None)
     for r in rows:
         if floor is not None:
@@ -411,14 +445,16 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile one step of ours at the first point")
     ap.add_argument("--backend", default=None, choices=["triton", "cpp", "reference"],
                     help="force the ops' backend for the whole run (default: the automatic choice)")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="CPU: keep glibc's default malloc (no fixed mmap threshold): times without the page "
-                         "faults of returning every large tensor to the OS, but peaks that hide reused memory")
+    ap.add_argument("--peaks-only", action="store_true",
+                    help="(internal) CPU: one point, one warm-up and one measured step per method under a fixed "
+                         "malloc threshold; prints {method: peak} as JSON (the parent times, this child measures)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if unknown := set(args.methods) - set(METHODS):
         ap.error(f"--methods: expected names from {', '.join(METHODS)}, got {', '.join(sorted(unknown))}")
-    if args.device == "cpu" and not args.default_malloc:
+    if args.peaks_only:
+        if args.device != "cpu" or args.batch is None:
+            ap.error("--peaks-only: expected --device cpu and --batch (one point)")
         reexec_with_fixed_malloc()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is available")
@@ -429,7 +465,15 @@ def main() -> None:
     if args.baseline_max_gb is None:
         args.baseline_max_gb = 8.0 if args.device == "cpu" else \
             round(0.8 * torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
+    from edgeprune_fast.ops import use_backend
+
     dtype = getattr(torch, args.dtype)
+    if args.peaks_only:  # the child of peaks_from_child: one measured step per method, JSON on the last line
+        args.reps, args.method_seconds, args.baseline_seconds = 1, 0.0, 0.0
+        with use_backend(args.backend):
+            rows, _ = run_point(Point(args.layers, args.batch, args.seq, "single"), args, dtype, main_point=True)
+        print(json.dumps({r["method"]: {k: r[k] for k in ("peak_bytes", "peak_bytes_max", "seconds")} for r in rows}))
+        return
     started = time.time()
     stem = args.out or f"step_{args.device}" + ("_quick" if args.quick else "")
     pts = points(args)
@@ -447,10 +491,11 @@ def main() -> None:
                    "baseline_seconds": args.baseline_seconds, "baseline_max_gb": args.baseline_max_gb,
                    "torch_threads": torch.get_num_threads()},
         "memory_method": ("torch.cuda.max_memory_allocated above the allocation at the start" if args.device == "cuda"
-                          else "RSS high-water mark (VmHWM) above RSS at the start of each step, reset via "
-                               "/proc/self/clear_refs; " + ("glibc's default malloc: peaks are NOT reliable"
-                                                            if args.default_malloc else
-                                                            "MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0")),
+                          else "RSS high-water mark (VmHWM) above RSS at the start of a step after one warm-up, reset "
+                               "via /proc/self/clear_refs, in a child process with MALLOC_MMAP_THRESHOLD_=65536, "
+                               "MALLOC_TRIM_THRESHOLD_=0 (its step times: seconds_fixed_malloc)"),
+        "time_method": "median wall time after one warm-up step" + (
+            "" if args.device == "cuda" else ", glibc's default malloc (as users run)"),
         "writer_units": "writer tensor = W*B*S*D*bytes; growth = slope of (peak - hf_floor peak) vs batch / "
                         "(W*S*D*bytes); raw = slope of peak vs batch / (W*S*D*bytes)",
         "machine": machine(),
@@ -468,8 +513,6 @@ def main() -> None:
             w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
-
-    from edgeprune_fast.ops import use_backend
 
     with use_backend(args.backend):
         for p in pts:
