@@ -62,6 +62,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
                       os.path.join(d, f"rank{rank}.safetensors"))
             with open(os.path.join(d, f"rank{rank}.json"), "w") as f:
                 json.dump(report, f)
+        # a first pass that enters below the HF model (the states-only capture runs its base model):
+        # FSDP's root is still the HF model, so each layer is freed after its forward
+        fresh = dp.shard_weights(trainer(None).model)
+        fresh.reference(torch.randint(3, 20, (2, 5)), logits=False)
+        assert fresh.sharding.local_fraction() == pytest.approx([0.5] * 4, abs=0.01)
+        fresh.reference(torch.randint(3, 20, (2, 5)), states=False)  # and the full forward still works
         # misuse, on a sharded model
         with pytest.raises(ValueError, match="already wrapped by fully_shard"):
             t.model.shard_weights()
