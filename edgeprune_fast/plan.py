@@ -226,12 +226,13 @@ class MemoryPlan:
 
 def _mix_backward(n: int, R: int, ND: int, b: int, backend: str) -> int:
     """Temporaries of edge_mix's backward for R readers of n writers, beyond the incoming
-    gradient [R, N, D]: the clean-writer gradient [n, N, D]; the reference backend recomputes
+    gradient [R, N, D]: none for the fused kernels, which add the clean-writer gradient into
+    the slot buffer's (``grad_into``); the reference backend makes it, [n, N, D], recomputing
     the mix under autograd in float32 (the output [R, N, D] float32, and when b < 4 the float32
     copies of clean and corrupted and the float32 gradient before its cast, of which two are
     alive at once)."""
     if backend == "fused":
-        return n * ND * b
+        return 0
     if b == 4:
         return n * ND * 4 + R * ND * 4
     return 2 * n * ND * 4 + n * ND * b + R * ND * 4  # measured: two [n, N, D] float32 alive at once

@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # as bench/common.py
 
 
-def _measure(point: dict) -> dict:
+def _measure(point: dict, backend: str = "reference") -> dict:
     """One step in a fresh process (bench/scale_bench.py --one): VmHWM above the start."""
-    env = dict(os.environ, **MALLOC_ENV, EDGEPRUNE_BACKEND="reference", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, **MALLOC_ENV, EDGEPRUNE_BACKEND=backend, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "bench.scale_bench", "--threads", "1", "--one", json.dumps(point)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -44,6 +44,19 @@ def test_prediction_within_15_percent_of_measured_cpu_peak(point):
           f"({row['predicted_phase']}), ratio {row['ratio']:.3f}")
     assert row["edge_mix_backend"] == "reference"
     assert row["measured_bytes"] > 10e6  # large enough to measure
+    assert 0.85 <= row["ratio"] <= 1.15
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "ckpt"])
+def test_prediction_for_the_fused_kernels(ckpt):
+    """The C++ kernels add the writers' gradient into the slot buffer's (no [n, N, D] temporary)."""
+    from edgeprune_fast import _native
+
+    if _native.load() is None:
+        pytest.skip(f"the C++ extension is not available: {_native.load_error()}")
+    row = _measure({"n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "d_model": 256, "d_mlp": 640, "vocab": 4096,
+                    "batch": 4, "seq": 32, "dtype": "float32", "checkpoint_layers": ckpt}, backend="cpp")
+    assert row["edge_mix_backend"] == "cpp"
     assert 0.85 <= row["ratio"] <= 1.15
 
 
