@@ -16,7 +16,10 @@ the reference capture, masks.py for the mask parameters. One forward (ARCHITECTU
     logits       = unembed(final_norm(edge_mix(log_alpha[resid_post], slots, corrupt)))
 
 ``corrupt`` is the corrupted run's writer states (a constant), None under zero ablation,
-or the mean writer outputs under mean ablation. With every mask exactly 1 the logits equal
+or the mean writer outputs under mean ablation. (As computed, the slots hold each writer's
+output minus its corrupted state and a read is the zero-ablation mix of the slots plus the
+corrupted prefix sum: the same x, one stream per read instead of two; writers.py.) With
+every mask exactly 1 the logits equal
 the HF model's (the sum of writers is its residual stream); with every mask 0 under
 corrupted ablation they equal the HF model's on the corrupted input.
 
@@ -35,9 +38,9 @@ backward. The hard-concrete noise of a layer is drawn *before* its checkpointed 
 passed in, so the recomputation uses the same masks without replaying the RNG. Recomputing
 rewrites the layer's own slots with the same values (WriterStore.resume), which is harmless:
 later readers have finished their backward by then. With ``corrupted_on_cpu`` the corrupted
-writer states stay in host memory (pinned under CUDA) and each read copies its prefix
-[n, B, S, D] to the device; pair it with checkpointing, or every layer's copy is kept for
-backward. Across processes (``shard_weights``, sharding.py) FSDP2 keeps 1/P of every weight
+writer states stay in host memory (pinned under CUDA) and are copied to the device a slot
+at a time, for its write and for the running prefix sum (again when a checkpointed layer
+is recomputed); none of the copies is kept for backward. Across processes (``shard_weights``, sharding.py) FSDP2 keeps 1/P of every weight
 per process; ``_run`` gathers each decoder layer, and the root (embeddings, final norm,
 unembedding), around its own work, and backward gathers it again (identity hooks on the
 token that threads the layer), with or without checkpointing.
@@ -405,7 +408,7 @@ class EdgePrunedModel(nn.Module):
         a, g, m = self.adapter, self._graph, self.masks
         B, S = ids.shape
         attn_mask, is_causal = self._sdpa_mask(mask, S)
-        store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled())
+        store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
         with self._gathered_root():
             store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
         rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
@@ -420,13 +423,13 @@ class EdgePrunedModel(nn.Module):
             noise = (self._noise(2 * layer, training, u_node), self._noise(2 * layer + 1, training, u_node))
             if sh is not None:
                 store.token = sh.enter(sh.layers[layer], store.token)
-            args = (store.token, store, layer, spec, corrupt, training, noise, rope, attn_mask, is_causal)
+            args = (store.token, store, layer, spec, training, noise, rope, attn_mask, is_causal)
             out = checkpoint(self._layer, *args, use_reentrant=False) if recompute else self._layer(*args)
             store.token = out[0] if sh is None else sh.leave(sh.layers[layer], out[0])
             kept += out[1:]
         if sh is not None:
             store.token = sh.enter(sh.root, store.token)
-        args = (store.token, store, corrupt, training, self._noise(len(g.groups) - 1, training, u_node))
+        args = (store.token, store, training, self._noise(len(g.groups) - 1, training, u_node))
         h_r, k_r = checkpoint(self._final, *args, use_reentrant=False) if recompute else self._final(*args)
         kept.append(k_r)
         logits = a.unembed(h_r)
@@ -457,38 +460,42 @@ class EdgePrunedModel(nn.Module):
             return {"u_edge": self._uniform(*m.edge_log_alpha[gi].shape), "u_node": u_node[:n]}
         return {"seed": draw_seed()}
 
-    def _layer(self, token, store: WriterStore, layer: int, spec, corrupt, training, noise, rope, attn_mask, is_causal):
+    def _layer(self, token, store: WriterStore, layer: int, spec, training, noise, rope, attn_mask, is_causal):
         """One block: its heads and MLP written to the store; returns (token, kept edges of its
         two reader groups). Re-entrant for checkpointing: it starts from the given token."""
         store.resume(token, self._graph.groups[2 * layer].n_upstream)
-        x, k_a = self._read(2 * layer, store, corrupt, training, noise[0])  # [H + 2K, B, S, D]
+        x, k_a = self._read(2 * layer, store, training, noise[0])  # [H + 2K, B, S, D]
         store.write(self._attention(spec, x, rope, attn_mask, is_causal))
-        x_m, k_m = self._read(2 * layer + 1, store, corrupt, training, noise[1])
+        x_m, k_m = self._read(2 * layer + 1, store, training, noise[1])
         store.write(spec.mlp(spec.mlp_norm(x_m[0]))[None])
         return store.token, k_a, k_m
 
-    def _final(self, token, store: WriterStore, corrupt, training, noise):
+    def _final(self, token, store: WriterStore, training, noise):
         """final_norm(resid_post's input) [B, S, D] and its kept edges."""
         store.resume(token, self._graph.n_writers)
-        x_r, k = self._read(len(self._graph.groups) - 1, store, corrupt, training, noise)
+        x_r, k = self._read(len(self._graph.groups) - 1, store, training, noise)
         return self.adapter.final_norm(x_r[0]), k
 
-    def _read(self, gi: int, store: WriterStore, corrupt, training: bool, noise: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, gi: int, store: WriterStore, training: bool, noise: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs [R, B, S, D] of reader group gi: its masks applied to the writer prefix,
-        number of its edges kept in this forward)."""
+        number of its edges kept in this forward). The slots hold clean - corrupted, so
+        x = sum_w corrupt[w] + z (clean - corrupt) is the zero-ablation mix of the slots plus
+        the corrupted prefix sum (writers.py)."""
         m, n = self.masks, self._graph.groups[gi].n_upstream
-        clean = store.read(n)
-        cor = None if corrupt is None else corrupt[:n].to(clean.device, non_blocking=True)  # streamed if on CPU
+        delta = store.read(n)
         sink = store.grad_into(n) if torch.is_grad_enabled() else None  # backward adds into the slots' gradient
         if m.circuit is not None:
             z = m.circuit[gi]
-            x = mix(z, clean, cor, grad_into=sink)
+            x = mix(z, delta, grad_into=sink)
         else:
             la = m.edge_log_alpha[gi]
             kw: dict = {"training": training, "params": m.params, "grad_into": sink, **noise}
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
-            x, z = edge_mix(la, clean, cor, **kw)
+            x, z = edge_mix(la, delta, **kw)
+        base = store.corrupted_sum(n)
+        if base is not None:  # summed in float32, rounded once to the model dtype
+            x = x + base if x.dtype == base.dtype else (x + base).to(x.dtype)
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:

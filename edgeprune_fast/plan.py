@@ -17,7 +17,8 @@ dtype's bytes, 4 for float32. The terms follow how model.py, writers.py and ops/
                    reference pass through the HF forward the root and one or two layers)
   writer states    slot buffer [W, N, D] b (WriterStore.buffer); its gradient buffer, same
                    size (WriterStore.grad, allocated by the first read's backward); the
-                   corrupted states [W, N, D] b (0 on the device with corrupted_on_cpu);
+                   corrupted states [W, N, D] b (0 on the device with corrupted_on_cpu, one
+                   slot [N, D] b in transit) and their running prefix sum [N, D] float32;
                    full logits (cached) and circuit logits [N, V] b each
   activations      what autograd keeps per layer (the frozen weights keep linears from saving
                    their inputs):
@@ -251,6 +252,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
         weights["weights.gathered (FSDP)"] = (2 * m.layer_params() + 2 * V * D) * b
     states = {"writer_states.slot buffer": W * ND * b,
               "writer_states.corrupted": 0 if s.corrupted_on_cpu else W * ND * b,
+              "writer_states.corrupted prefix sum": 4 * ND,
               "writer_states.full logits": N * V * b,
               "writer_states.circuit logits": N * V * b}
     masks = {"masks_optimizer.log_alpha + grad + AdamW": 16 * n_masks}
@@ -266,8 +268,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     # LayerNorm's fused backward its input gradient and one temporary
     norm_bwd = 4 * R * ND * 4 + (R * ND * b if b < 4 else 0) if m.mlp == "gated" else 2 * R * ND * b
 
-    def stream(n: int) -> int:  # the streamed copy of a read's corrupted prefix
-        return n * ND * b if s.corrupted_on_cpu else 0
+    slot_copy = ND * b if s.corrupted_on_cpu else 0  # corrupted states on the CPU come a slot at a time
 
     # Each candidate phase: (components alive beyond `fixed`), the peak is the largest
     loss = 2 * 4 * N * V
@@ -277,7 +278,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
                                   "activations.loss temporaries": 3 * 4 * N * V}}  # log p, exp(log p), difference
     candidates["backward of resid_post"] = {**grad_buffer, "activations.layers kept": 0 if ckpt else L * layer,
                                             "activations.resid_post": final,
-                                            "activations.mixing backward": ND * b + stream(W)
+                                            "activations.mixing backward": ND * b + slot_copy
                                             + _mix_backward(W, 1, ND, b, s.backend)}
     for layer_i in range(L):
         W_a = E + layer_i * (H + 1)  # writers read by this layer's attention, its MLP: + its heads
@@ -285,12 +286,12 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
         below = {"activations.layers kept": 0 if ckpt else layer_i * layer}
         candidates[f"backward of layer {layer_i}'s MLP read"] = {
             **grad_buffer, **below, "activations.this layer": layer,
-            "activations.mixing backward": ND * b + stream(W_a + H) + _mix_backward(W_a + H, 1, ND, b, s.backend)}
+            "activations.mixing backward": ND * b + slot_copy + _mix_backward(W_a + H, 1, ND, b, s.backend)}
         candidates[f"backward of layer {layer_i}'s attention norm"] = {
             **grad_buffer, **below, "activations.this layer": layer, "activations.norm backward": norm_bwd}
         candidates[f"backward of layer {layer_i}'s attention read"] = {
             **grad_buffer, **below,
-            "activations.mixing backward": R * ND * b + stream(W_a) + _mix_backward(W_a, R, ND, b, s.backend)}
+            "activations.mixing backward": R * ND * b + slot_copy + _mix_backward(W_a, R, ND, b, s.backend)}
     phases = {k: fixed + sum(v.values()) for k, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)
     components = {**weights, **states, **grad_buffer, **masks}
@@ -298,7 +299,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     components.update(candidates[peak_phase])
     order = ("weights", "writer_states", "activations", "masks_optimizer")
     components = {k: v for g in order for k, v in components.items() if k.startswith(g + ".")}
-    return MemoryPlan(m, s, components, phases[peak_phase], peak_phase, phases, stream(W) and W * ND * b)
+    host = W * ND * b if s.corrupted_on_cpu else 0
+    return MemoryPlan(m, s, components, phases[peak_phase], peak_phase, phases, host)
 
 
 # ---- command line (wired as `edgeprune plan` by cli.py) ---------------------------------------

@@ -5,8 +5,18 @@ writer's output once, in a preallocated ``buffer [W, B, S, D]`` written slot by 
 residual order; a layer's readers read the view ``buffer[:n]`` of the writers upstream of
 them, never a copy. Two autograd Functions make this differentiable:
 
-    token' = WriteSlots(token, y [k, B, S, D], slot)   copies y into buffer[slot:slot+k]
+    token' = WriteSlots(token, y [k, B, S, D], slot)   buffer[slot:slot+k] = y - corrupt[slot:slot+k]
     view   = ReadSlots(token, n)                        buffer[:n]
+
+With corrupted states (corrupted or mean ablation) a slot holds the writer's output minus
+its corrupted state, and ``corrupted_sum(n)`` gives sum_{w<n} corrupt[w] (float32, kept as a
+running sum added slot by slot, restarted when a checkpointed layer is recomputed, with the
+same bits). A reader's input is then
+sum_w corrupt[w] + z_w (clean[w] - corrupt[w]) = corrupted_sum(n) + the zero-ablation mix of
+the slots: each read streams one [n, B, S, D] tensor instead of two (clean and corrupted),
+in its forward and in its backward, and the corrupted states are read once per forward
+(streamed from host memory once, under corrupted_on_cpu). The gradient is unchanged:
+d slot / d y = 1. Without corrupted states (zero ablation) a slot holds y.
 
 ``token`` is a zero-size tensor threaded through every write and read. Backward: every
 read's gradient is added into a gradient buffer ``G[:n]`` in place, and WriteSlots returns
@@ -48,11 +58,32 @@ class WriterStore:
     """Slots [W, B, S, D] of one forward; ``write`` in residual order, ``read`` prefixes."""
 
     def __init__(self, n_writers: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
-                 track_grad: bool) -> None:
+                 track_grad: bool, corrupt: torch.Tensor | None = None) -> None:
         self.buffer = torch.empty(n_writers, *shape, dtype=dtype, device=device)
         self.grad: torch.Tensor | None = None  # G, see the module docstring
         self.token = torch.empty(0, dtype=dtype, device=device, requires_grad=track_grad)
         self.n_written = 0
+        self.corrupt = corrupt  # [W, B, S, D] in the model dtype, on the device or in host memory; or None
+        self._sum: torch.Tensor | None = None  # corrupted_sum(self._sum_n)
+        self._sum_n = 0
+
+    def corrupted(self, start: int, stop: int) -> torch.Tensor:
+        """corrupt[start:stop] on the buffer's device (copied from host memory if kept there)."""
+        return self.corrupt[start:stop].to(self.buffer.device, non_blocking=True)
+
+    def corrupted_sum(self, n: int) -> torch.Tensor | None:
+        """sum_{w<n} corrupt[w] [B, S, D] in float32 (float64 for float64 slots), or None
+        without corrupted states. Valid until the next call (it is a running sum)."""
+        if self.corrupt is None:
+            return None
+        if self._sum is None or n < self._sum_n:  # a recomputed (checkpointed) layer starts again
+            dtype = torch.float64 if self.buffer.dtype == torch.float64 else torch.float32
+            self._sum = torch.zeros(self.buffer.shape[1:], dtype=dtype, device=self.buffer.device)
+            self._sum_n = 0
+        for w in range(self._sum_n, n):  # one slot at a time: the same bits however often it restarts
+            self._sum += self.corrupted(w, w + 1)[0]
+        self._sum_n = max(self._sum_n, n)
+        return self._sum
 
     def write(self, y: torch.Tensor) -> None:
         """Append y [k, B, S, D] (k writers) at the next slots."""
@@ -89,7 +120,11 @@ class WriteSlots(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token, y, store: WriterStore, slot: int):
         # Through .data: no version bump, so views of earlier slots saved for backward stay valid
-        store.buffer.data[slot:slot + y.shape[0]].copy_(y)
+        slots = store.buffer.data[slot:slot + y.shape[0]]
+        if store.corrupt is None:
+            slots.copy_(y)
+        else:
+            torch.sub(y, store.corrupted(slot, slot + y.shape[0]), out=slots)
         ctx.store, ctx.slot, ctx.k = store, slot, y.shape[0]
         return token.new_empty(0)
 

@@ -15,15 +15,20 @@ from edgeprune_fast.writers import ReadSlots, WriterStore, WriteSlots
 class CatStore:
     """The obvious implementation: keep every write, concatenate them at every read."""
 
-    def __init__(self, n_writers, shape, dtype, device, track_grad):
+    def __init__(self, n_writers, shape, dtype, device, track_grad, corrupt=None):
         self.parts = []
+        self.corrupt = corrupt
         self.token = None  # the WriterStore interface the model uses (resume: checkpointing only)
 
     def resume(self, token, n_written):
         pass
 
-    def write(self, y):
-        self.parts.append(y)
+    def write(self, y):  # the slots hold clean - corrupted, as WriterStore's
+        n = sum(p.shape[0] for p in self.parts)
+        self.parts.append(y if self.corrupt is None else y - self.corrupt[n:n + y.shape[0]])
+
+    def corrupted_sum(self, n):
+        return None if self.corrupt is None else self.corrupt[:n].float().sum(0)
 
     def read(self, n):
         return torch.cat(self.parts)[:n]
