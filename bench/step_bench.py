@@ -29,7 +29,8 @@ and inputs in one process:
 Loss in all three: KL(p_full || p_model) over every position and the full vocabulary, plus
 the Lagrangian l1 (t - s) + l2 (t - s)^2 for edges and nodes (ARCHITECTURE.md §2; t = 0.5).
 
-Time: median wall time of ``--reps`` steps after one warm-up step (fewer where one step is
+Time: median wall time of ``--reps`` steps after one warm-up step, the methods timed in turn (round
+robin, so that a slow spell of a shared machine falls on all of them; fewer where one step is
 slow: the timed steps of a method at a point stop at ``--method-seconds``, the original's at
 ``--baseline-seconds``; at least one), with glibc's default malloc, as users run. Memory:
 peak above the level at the start of a step (bench/common.py ``PeakMemory``), after one
@@ -170,28 +171,43 @@ def hf_floor_step(hf, weight_grads: bool):
     return step
 
 
-def measure(step, ids, cids, *, reps: int, device: str, max_seconds: float | None = None) -> dict:
-    """Warm-up once, then time and peak-measure each of ``reps`` steps (fewer when a step is
-    slower than max_seconds / reps; at least one)."""
-    def one():
-        gc.collect()
-        with PeakMemory(device) as pm:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(ids, cids)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return seconds, pm.peak_bytes, cpu
+def timed_step(step, ids, cids, device: str) -> tuple[float, int, float]:
+    """(wall seconds, peak bytes above the start, process CPU seconds) of one step."""
+    gc.collect()
+    with PeakMemory(device) as pm:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step(ids, cids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return seconds, pm.peak_bytes, cpu
 
-    warm_s, _, _ = one()
-    n = reps if max_seconds is None else max(1, min(reps, int(max_seconds // max(warm_s, 1e-9))))
-    runs = [one() for _ in range(n)]
-    return {"seconds": statistics.median(r[0] for r in runs), "seconds_all": [round(r[0], 4) for r in runs],
-            "cpu_seconds": round(statistics.median(r[2] for r in runs), 4),
-            "peak_bytes": int(statistics.median(r[1] for r in runs)), "peak_bytes_max": max(r[1] for r in runs),
-            "warmup_seconds": round(warm_s, 4), "reps": n}
+
+def measure(steps: dict, ids, cids, *, reps: int, device: str, budgets: dict[str, float]) -> tuple[dict, dict]:
+    """Warm every step up once, then time ``reps`` steps of each, taking the methods in turn
+    (round robin: a slow spell of a shared machine falls on all of them, not on one); a method
+    whose warm-up took longer than budgets[name] / reps runs fewer (at least one). Returns
+    ({name: result}, {name: why it failed})."""
+    results, failed, runs, want = {}, {}, {}, {}
+    for name, step in steps.items():
+        try:
+            warm = timed_step(step, ids, cids, device)[0]
+        except Exception as exc:  # out of GPU memory, a backend that fails: record, go on with the others
+            failed[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            continue
+        runs[name], want[name] = [], max(1, min(reps, int(budgets[name] // max(warm, 1e-9))))
+        results[name] = {"warmup_seconds": round(warm, 4)}
+    for _ in range(reps):
+        for name in [n for n in runs if len(runs[n]) < want[n]]:
+            runs[name].append(timed_step(steps[name], ids, cids, device))
+    for name, rs in runs.items():
+        results[name].update(seconds=statistics.median(r[0] for r in rs), seconds_all=[round(r[0], 4) for r in rs],
+                             cpu_seconds=round(statistics.median(r[2] for r in rs), 4),
+                             peak_bytes=int(statistics.median(r[1] for r in rs)), peak_bytes_max=max(r[1] for r in rs),
+                             reps=len(rs))
+    return results, failed
 
 
 def peaks_from_child(p: Point, args, rows: list[dict], skipped: list[dict]) -> None:
@@ -241,11 +257,10 @@ def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[lis
               "ours": lambda: step,
               "ours_checkpointed": lambda: ours_step(hf, checkpoint_layers=True)[0],
               "original": lambda: original_step(hf)}
+    steps, budgets = {}, {}
     for name in args.methods:
         if name == "hf_floor_weight_grads" and not main_point:
             continue
-        make = makers[name]
-        max_s = args.baseline_seconds if name == "original" else args.method_seconds
         if name == "original":
             need_gb = ORIGINAL_WRITER_UNITS * writer_bytes / 1e9
             if args.no_baseline or need_gb > args.baseline_max_gb:
@@ -255,17 +270,17 @@ def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[lis
                 skipped.append({**common, "method": name, "reason": why})
                 print(f"  {name:<22} skipped: {why}", flush=True)
                 continue
-        try:
-            r = measure(make(), ids, cids, reps=args.reps, device=args.device, max_seconds=max_s)
-        except Exception as exc:  # out of GPU memory, a backend that fails: record, go on with the others
-            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-            skipped.append({**common, "method": name, "reason": why})
-            print(f"  {name:<22} failed: {why}", flush=True)
-            continue
-        finally:
-            gc.collect()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+        steps[name] = makers[name]()
+        budgets[name] = args.baseline_seconds if name == "original" else args.method_seconds
+    results, failed = measure(steps, ids, cids, reps=args.reps, device=args.device, budgets=budgets)
+    del steps
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    for name, why in failed.items():
+        skipped.append({**common, "method": name, "reason": why})
+        print(f"  {name:<22} failed: {why}", flush=True)
+    for name, r in results.items():
         rows.append({**common, "method": name, **r})
         print(f"  {name:<22} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} s CPU; {r['reps']} reps)", flush=True)
     if args.device == "cpu" and not args.peaks_only and rows:
