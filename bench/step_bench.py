@@ -29,13 +29,15 @@ and inputs in one process:
 Loss in all three: KL(p_full || p_model) over every position and the full vocabulary, plus
 the Lagrangian l1 (t - s) + l2 (t - s)^2 for edges and nodes (ARCHITECTURE.md §2; t = 0.5).
 
-Time: median wall time of ``--reps`` steps after one warm-up step, the methods timed in turn (round
-robin, so that a slow spell of a shared machine falls on all of them; fewer where one step is
+Time: median wall time of ``--reps`` steps after one warm-up step (fewer where one step is
 slow: the timed steps of a method at a point stop at ``--method-seconds``, the original's at
-``--baseline-seconds``; at least one), with glibc's default malloc, as users run. Memory:
+``--baseline-seconds``; at least one). On the CPU each method runs in a fresh process of its
+own, with glibc's default malloc, as users run it: in one shared process each method's
+speed depended on the allocator state the others left (the same step varied by 30 %). On
+CUDA the methods share the process and are timed in turn (round robin). Memory:
 peak above the level at the start of a step (bench/common.py ``PeakMemory``), after one
 warm-up step: ``max_memory_allocated`` on CUDA, in the same process; on the CPU the resident
-high-water mark, measured in a child process (``--peaks-only``) whose malloc mmap threshold
+high-water mark, measured in a child process (``--child peaks``) whose malloc mmap threshold
 is fixed, so that every large freed tensor goes back to the OS and cannot hide a later peak
 (glibc's default keeps freed memory resident and reuses it, which makes RSS peaks
 meaningless). That fixed threshold makes every large allocation fault its pages in anew,
@@ -210,32 +212,32 @@ def measure(steps: dict, ids, cids, *, reps: int, device: str, budgets: dict[str
     return results, failed
 
 
-def peaks_from_child(p: Point, args, rows: list[dict], skipped: list[dict]) -> None:
-    """CPU peaks of the methods in ``rows``, measured in a child with a fixed malloc threshold
-    (see the module docstring); they replace the rows' peaks. A method whose peak could not
-    be measured loses its row to ``skipped``."""
-    cmd = [sys.executable, "-m", "bench.step_bench", "--peaks-only", "--layers", str(p.n_layer), "--batch",
-           str(p.batch), "--seq", str(p.seq), "--dtype", args.dtype, "--threads", str(args.threads),
-           "--methods", ",".join(r["method"] for r in rows), "--baseline-max-gb", str(args.baseline_max_gb)]
+def run_child(p: Point, args, methods: list[str], mode: str) -> tuple[list[dict], list[dict]]:
+    """Measure ``methods`` at one CPU point in a fresh process: ``mode`` "time" with glibc's
+    default malloc, "peaks" with the fixed mmap threshold (one step after the warm-up). A
+    child that fails gives a skipped entry per method, with its error."""
+    cmd = [sys.executable, "-m", "bench.step_bench", "--child", mode, "--layers", str(p.n_layer), "--batch",
+           str(p.batch), "--seq", str(p.seq), "--dtype", args.dtype, "--threads", str(args.threads), "--reps",
+           str(args.reps), "--method-seconds", str(args.method_seconds), "--baseline-seconds",
+           str(args.baseline_seconds), "--methods", ",".join(methods), "--baseline-max-gb", str(args.baseline_max_gb)]
     cmd += ["--backend", args.backend] if args.backend else []
-    out = subprocess.run(cmd, env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True,
-                         cwd=RESULTS.parent.parent)
+    cmd += ["--no-baseline"] if args.no_baseline else []
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    env.update(MALLOC_ENV if mode == "peaks" else {})
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=RESULTS.parent.parent)
     lines = out.stdout.strip().splitlines()
-    peaks = json.loads(lines[-1]) if out.returncode == 0 and lines else {}
-    for r in list(rows):
-        got = peaks.get(r["method"])
-        if got is None:
-            why = f"peak not measured: the --peaks-only child exited {out.returncode}: {out.stderr.strip()[-300:]}"
-            skipped.append({**{k: v for k, v in r.items() if k in ("device", "dtype", "sweep", "n_layer", "batch",
-                                                                   "seq")}, "method": r["method"], "reason": why})
-            rows.remove(r)
-            continue
-        r.update(peak_bytes=got["peak_bytes"], peak_bytes_max=got["peak_bytes_max"],
-                 seconds_fixed_malloc=round(got["seconds"], 4))
+    if out.returncode == 0 and lines:
+        got = json.loads(lines[-1])
+        for r in got["rows"] + got["skipped"]:
+            r["sweep"] = p.sweep  # the child measured it as a single point
+        return got["rows"], got["skipped"]
+    why = f"the --child {mode} process exited {out.returncode}: {out.stderr.strip()[-300:]}"
+    return [], [{"sweep": p.sweep, "n_layer": p.n_layer, "batch": p.batch, "seq": p.seq, "method": m, "reason": why}
+                for m in methods]
 
 
-def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[list[dict], list[dict]]:
-    """All methods at one point (hf_floor_weight_grads only at the main point, for comparison)."""
+def measure_point(p: Point, args, dtype: torch.dtype, methods: list[str]) -> tuple[list[dict], list[dict]]:
+    """``methods`` at one point, in this process (see ``measure``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from edgeprune_fast.ops import backends
@@ -258,9 +260,7 @@ def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[lis
               "ours_checkpointed": lambda: ours_step(hf, checkpoint_layers=True)[0],
               "original": lambda: original_step(hf)}
     steps, budgets = {}, {}
-    for name in args.methods:
-        if name == "hf_floor_weight_grads" and not main_point:
-            continue
+    for name in methods:
         if name == "original":
             need_gb = ORIGINAL_WRITER_UNITS * writer_bytes / 1e9
             if args.no_baseline or need_gb > args.baseline_max_gb:
@@ -283,15 +283,47 @@ def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[lis
     for name, r in results.items():
         rows.append({**common, "method": name, **r})
         print(f"  {name:<22} {r['seconds']:8.3f} s ({r['cpu_seconds']:8.3f} s CPU; {r['reps']} reps)", flush=True)
-    if args.device == "cpu" and not args.peaks_only and rows:
-        peaks_from_child(p, args, rows, skipped)
+    return rows, skipped
+
+
+def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[list[dict], list[dict]]:
+    """All methods at one point (hf_floor_weight_grads only at the main point, for comparison).
+    CUDA: in this process. CPU: each method timed in a fresh process of its own (so that no
+    method runs on the allocator state another left), then all peaks in one more (``run_child``)."""
+    methods = [m for m in args.methods if m != "hf_floor_weight_grads" or main_point]
+    if args.device == "cuda":
+        rows, skipped = measure_point(p, args, dtype, methods)
+    else:
+        rows, skipped = [], []
+        for name in methods:
+            r, s = run_child(p, args, [name], "time")
+            rows += r
+            skipped += s
+            for x in r:
+                print(f"  {name:<22} {x['seconds']:8.3f} s ({x['cpu_seconds']:8.3f} s CPU; {x['reps']} reps)",
+                      flush=True)
+            for x in s:
+                print(f"  {name:<22} skipped: {x['reason']}", flush=True)
+        if rows:
+            peaks, s = run_child(p, args, [r["method"] for r in rows], "peaks")
+            by_method = {r["method"]: r for r in peaks}
+            for r in list(rows):
+                got = by_method.get(r["method"])
+                if got is None:
+                    skipped += [x for x in s if x["method"] == r["method"]] or [
+                        {**{k: r[k] for k in ("sweep", "n_layer", "batch", "seq")}, "method": r["method"],
+                         "reason": "peak not measured"}]
+                    rows.remove(r)
+                    continue
+                r.update(peak_bytes=got["peak_bytes"], peak_bytes_max=got["peak_bytes_max"],
+                         seconds_fixed_malloc=round(got["seconds"], 4))
     for r in rows:
-        print(f"  {r['method']:<22} peak {r['peak_bytes'] / 1e9:6.3f} GB ({r['peak_bytes'] / writer_bytes:5.1f} writer "
-              f"tensors)", flush=True)
+        print(f"  {r['method']:<22} peak {r['peak_bytes'] / 1e9:6.3f} GB "
+              f"({r['peak_bytes'] / r['writer_tensor_bytes']:5.1f} writer tensors)", flush=True)
     floor = next((r for r in rows if r["method"] == "hf_floor"), None)
     for r in rows:
         if floor is not None:
-            r["excess_writer_units"] = round((r["peak_bytes"] - floor["peak_bytes"]) / writer_bytes, 2)
+            r["excess_writer_units"] = round((r["peak_bytes"] - floor["peak_bytes"]) / r["writer_tensor_bytes"], 2)
             r["time_over_hf_floor"] = round(r["seconds"] / floor["seconds"], 3)
             r["cpu_time_over_hf_floor"] = round(r["cpu_seconds"] / floor["cpu_seconds"], 3)
     return rows, skipped
@@ -460,17 +492,18 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile one step of ours at the first point")
     ap.add_argument("--backend", default=None, choices=["triton", "cpp", "reference"],
                     help="force the ops' backend for the whole run (default: the automatic choice)")
-    ap.add_argument("--peaks-only", action="store_true",
-                    help="(internal) CPU: one point, one warm-up and one measured step per method under a fixed "
-                         "malloc threshold; prints {method: peak} as JSON (the parent times, this child measures)")
+    ap.add_argument("--child", choices=("time", "peaks"), default=None,
+                    help="(internal) CPU: measure one point in this process and print its rows as JSON: 'time' "
+                         "with the default malloc, 'peaks' (one step after the warm-up) with a fixed mmap threshold")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if unknown := set(args.methods) - set(METHODS):
         ap.error(f"--methods: expected names from {', '.join(METHODS)}, got {', '.join(sorted(unknown))}")
-    if args.peaks_only:
+    if args.child:
         if args.device != "cpu" or args.batch is None:
-            ap.error("--peaks-only: expected --device cpu and --batch (one point)")
-        reexec_with_fixed_malloc()
+            ap.error("--child: expected --device cpu and --batch (one point)")
+        if args.child == "peaks":
+            reexec_with_fixed_malloc()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is available")
     if args.threads:
@@ -483,11 +516,13 @@ def main() -> None:
     from edgeprune_fast.ops import use_backend
 
     dtype = getattr(torch, args.dtype)
-    if args.peaks_only:  # the child of peaks_from_child: one measured step per method, JSON on the last line
-        args.reps, args.method_seconds, args.baseline_seconds = 1, 0.0, 0.0
+    if args.child:  # run_child's process: JSON on the last line
+        if args.child == "peaks":
+            args.reps, args.method_seconds, args.baseline_seconds = 1, 0.0, 0.0
         with use_backend(args.backend):
-            rows, _ = run_point(Point(args.layers, args.batch, args.seq, "single"), args, dtype, main_point=True)
-        print(json.dumps({r["method"]: {k: r[k] for k in ("peak_bytes", "peak_bytes_max", "seconds")} for r in rows}))
+            rows, skipped = measure_point(Point(args.layers, args.batch, args.seq, "single"), args, dtype,
+                                          args.methods)
+        print(json.dumps({"rows": rows, "skipped": skipped}))
         return
     started = time.time()
     stem = args.out or f"step_{args.device}" + ("_quick" if args.quick else "")
