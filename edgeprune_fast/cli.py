@@ -112,6 +112,27 @@ def staged_file(out: Path):
     tmp.replace(out)
 
 
+def torchrun_world() -> tuple[int, int]:
+    """(rank, number of processes) of a ``torchrun`` launch, from the environment it sets;
+    (0, 1) outside one (or under ``torchrun --nproc_per_node 1``)."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    try:
+        n = int(world)
+        return (int(rank) if n > 1 else 0), n
+    except ValueError:
+        raise UsageError(f"environment: expected the integers torchrun sets in WORLD_SIZE and RANK, got "
+                         f"WORLD_SIZE={world!r}, RANK={rank!r}") from None
+
+
+def _launched_rank() -> int | None:
+    """This process's rank in a torchrun launch of several processes; None outside one."""
+    try:
+        rank, world = torchrun_world()
+    except UsageError:  # reported by the command itself
+        return None
+    return rank if world > 1 else None
+
+
 def steps(text: str) -> int:
     try:
         value = int(text)
@@ -140,6 +161,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=steps, default=8)
     p.add_argument("--examples", type=steps, default=256, help="examples to generate (generated tasks)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-layers", action="store_true",
+                   help="recompute each layer in backward (activation checkpointing): less memory, more time")
+    p.add_argument("--corrupted-on-cpu", action="store_true",
+                   help="keep the corrupted run's writer states in host memory, copied to the device per read")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "whose deterministic mask is non-zero")
     pr.add_argument("--picture", choices=["svg", "png", "pdf", "none"], default="svg")
     pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--shard-weights", action="store_true",
+                    help="under torchrun: shard the frozen weights over the processes (FSDP2), 1/N each")
     pr.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for the outputs")
 
     ev = sub.add_parser("eval", help="evaluate a circuit file (ours or EAP-IG/MIB) on a task")
@@ -203,16 +230,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits with code 2 on bad arguments
     from . import commands
 
+    # Under torchrun every process runs this with the same arguments, data and environment, so
+    # a usage error is the same on every rank: rank 0 reports it, the others exit quietly with
+    # the same code. A failed run is reported by every rank that sees it (with its rank): a
+    # non-finite loss may come from one process's slice of the batch only.
+    rank = _launched_rank()
+    quiet = bool(rank)
     try:
+        if args.command != "prune" and torchrun_world()[1] > 1:
+            raise UsageError(f"expected one process (only `edgeprune prune` runs under torchrun), got "
+                             f"WORLD_SIZE={os.environ['WORLD_SIZE']}")
         return int(getattr(commands, args.command)(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError) as exc:
-        print(f"edgeprune {args.command}: error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"edgeprune {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailed as exc:
-        print(f"edgeprune {args.command}: failed: {exc}", file=sys.stderr)
+        where = "" if rank is None else f" (rank {rank})"
+        print(f"edgeprune {args.command}{where}: failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"edgeprune {args.command}: interrupted; nothing was written", file=sys.stderr)
+        if not quiet:
+            print(f"edgeprune {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
 
 
