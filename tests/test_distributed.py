@@ -100,8 +100,14 @@ def test_checkpoint_written_once_resumes_in_one_process(two_process_run):
     torch.set_num_threads(1)
     assert sorted(p.name for p in two_process_run.iterdir() if p.name.startswith("checkpoint")) == \
         ["checkpoint.json", "checkpoint.safetensors"]
+    assert_resumes_like_a_straight_run(two_process_run / "checkpoint")
+
+
+def assert_resumes_like_a_straight_run(checkpoint) -> None:
+    """One process resumed from ``checkpoint`` (written after STEPS - 1 steps) and stepped once
+    ends with the masks of one process that took STEPS steps straight."""
     resumed = trainer(None)
-    resumed.load_checkpoint(two_process_run / "checkpoint")
+    resumed.load_checkpoint(checkpoint)
     resumed.train_step()
     straight = trainer(None)
     for _ in range(STEPS):

@@ -19,7 +19,7 @@ from edgeprune_fast.model import EdgePrunedModel
 from edgeprune_fast.sharding import shard_weights
 from edgeprune_fast.tracr import TRACR_DATA_DIR, load_tracr
 from tests.models._tiny import tiny_model
-from tests.test_distributed import STEPS, _free_port, trainer
+from tests.test_distributed import STEPS, _free_port, assert_resumes_like_a_straight_run, trainer
 
 MODES = ("plain", "checkpointed")
 
@@ -117,14 +117,7 @@ def test_sharded_processes_equal_one_process_on_the_global_batch(sharded_run, si
 
 def test_sharded_checkpoint_resumes_in_one_process(sharded_run):
     torch.set_num_threads(1)
-    resumed = trainer(None)
-    resumed.load_checkpoint(sharded_run / "checkpointed" / "checkpoint")
-    resumed.train_step()
-    straight = trainer(None)
-    for _ in range(STEPS):
-        straight.train_step()
-    for k, v in straight.model.mask_state_dict().items():
-        torch.testing.assert_close(resumed.model.mask_state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert_resumes_like_a_straight_run(sharded_run / "checkpointed" / "checkpoint")
 
 
 def test_unsupported_sharding_is_refused():
