@@ -72,13 +72,13 @@ class ShardedWeights:
     def enter(self, unit: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Gather ``unit`` now; returns x, through which backward reshards it afterwards."""
         unit.unshard()
-        return _ReshardInBackward.apply(x, unit)
+        return _InBackward.apply(x, unit.reshard)  # in backward: the unit's backward (all that used x) is done
 
     def leave(self, unit: nn.Module, y: torch.Tensor) -> torch.Tensor:
         """Free ``unit``'s gathered weights now; returns y, through which backward gathers them
         again before the unit's own backward."""
         unit.reshard()
-        return _UnshardInBackward.apply(y, unit)
+        return _InBackward.apply(y, unit.unshard)  # in backward: before the unit's backward or recomputation
 
     def local_fraction(self) -> list[float]:
         """Per unit (layers, then the root): the share of its parameter elements this process
@@ -93,27 +93,17 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if hasattr(p, "to_local") else p  # a DTensor shard, or a gathered (plain) parameter
 
 
-class _ReshardInBackward(torch.autograd.Function):
+class _InBackward(torch.autograd.Function):
+    """Identity whose backward calls ``action()`` before passing the gradient on."""
+
     @staticmethod
-    def forward(ctx, x, unit):
-        ctx.unit = unit
+    def forward(ctx, x, action):
+        ctx.action = action
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.unit.reshard()  # the unit's backward (all that used x) is done
-        return g, None
-
-
-class _UnshardInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, unit):
-        ctx.unit = unit
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.unit.unshard()  # before the unit's backward (all that made y), or its recomputation
+        ctx.action()
         return g, None
 
 
