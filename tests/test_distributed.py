@@ -46,11 +46,16 @@ def trainer(dp: DataParallel | None, out_dir=None) -> Trainer:
     return Trainer(model, KLTask(), batches(), config, out_dir=out_dir, data_parallel=dp)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
+def join_gloo(rank: int, world: int, port: int) -> DataParallel:
+    """A spawned worker joins the process group as torchrun would set it up (one thread each)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dp = DataParallel.from_env("gloo")
+    return DataParallel.from_env("gloo")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
+    dp = join_gloo(rank, world, port)
     try:
         t = trainer(dp, out_dir)
         for _ in range(steps):

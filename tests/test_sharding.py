@@ -19,7 +19,7 @@ from edgeprune_fast.model import EdgePrunedModel
 from edgeprune_fast.sharding import shard_weights
 from edgeprune_fast.tracr import TRACR_DATA_DIR, load_tracr
 from tests.models._tiny import tiny_model
-from tests.test_distributed import STEPS, _free_port, assert_resumes_like_a_straight_run, trainer
+from tests.test_distributed import STEPS, _free_port, assert_resumes_like_a_straight_run, join_gloo, trainer
 
 MODES = ("plain", "checkpointed")
 
@@ -41,10 +41,7 @@ def _watch(units) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dp = DataParallel.from_env("gloo")
+    dp = join_gloo(rank, world, port)
     try:
         for mode in MODES:
             d = os.path.join(out_dir, mode)

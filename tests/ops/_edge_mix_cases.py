@@ -73,3 +73,12 @@ def grad_into_runs(R, W, N, D, *, corrupted, dtype=torch.float32, device="cpu"):
         out += [(f"{name} grad log_alpha_edge", a.grad, a2.grad), (f"{name} grad log_alpha_node", b.grad, b2.grad),
                 (f"{name} G - G0", c.grad.double(), (G.double() - g0.double())), (f"{name} clean.grad", None, c2.grad)]
     return out
+
+
+def assert_grad_into_agrees(runs, tol: dict) -> None:
+    """Every (name, plain, accumulated) pair of ``grad_into_runs`` agrees within ``tol``."""
+    for name, want, got in runs:
+        if want is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")

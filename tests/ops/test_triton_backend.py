@@ -38,6 +38,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 from tests.ops._edge_mix_cases import (  # noqa: E402
+    assert_grad_into_agrees,
     edge_mix_inputs,
     grad_into_runs,
     leaves,
@@ -149,11 +150,7 @@ def test_grad_into_adds_the_clean_gradient_in_place(dtype, R):
     tol = TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     with use_backend("triton"):
         runs = grad_into_runs(R, 17, 3, 13, corrupted=True, dtype=dtype, device=DEVICE)
-    for name, want, got in runs:
-        if want is None:
-            assert got is None, name
-        else:
-            torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert_grad_into_agrees(runs, tol)
 
 
 @pytest.mark.parametrize("max_programs", [1, 2, None])
