@@ -21,9 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_z"_a, "log_alpha"_a, "u"_a, "training"_a, "beta"_a, "left"_a, "right"_a);
   m.def("edge_mix_forward", &edgeprune::edge_mix_forward, "sample masks and mix: (x [R, M], z_eff [R, W])",
         "log_alpha_edge"_a, "log_alpha_node"_a, "clean"_a, "corrupt"_a, "u_edge"_a, "u_node"_a, "training"_a,
-        "beta"_a, "left"_a, "right"_a);
-  m.def("mix_forward", &edgeprune::mix_forward, "x = sum_w z*clean + (1 - z)*corrupt", "z"_a, "clean"_a,
-        "corrupt"_a);
+        "beta"_a, "left"_a, "right"_a, "base"_a = py::none());
+  m.def("mix_forward", &edgeprune::mix_forward, "x = base + sum_w z*clean + (1 - z)*corrupt", "z"_a, "clean"_a,
+        "corrupt"_a, "base"_a = py::none());
   m.def("mix_backward", &edgeprune::mix_backward,
         "(grad_z [R, W], grad_clean [W, M]); with grad_clean_out, grad_clean is added into it and it is returned",
         "grad_x"_a, "z"_a, "clean"_a, "corrupt"_a, "grad_clean_out"_a = py::none());

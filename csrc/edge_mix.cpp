@@ -2,13 +2,15 @@
 // (ARCHITECTURE.md §2):
 //
 //   z_eff[r, w] = z_edge[r, w] * z_node[w]                                   [R, W]
-//   x[r, :]     = sum_w corrupt[w, :] + sum_w z_eff[r, w] * (clean[w, :] - corrupt[w, :])
+//   x[r, :]     = base[:] + sum_w corrupt[w, :] + sum_w z_eff[r, w] * (clean[w, :] - corrupt[w, :])
 //   grad_z[r, w]     = <grad_x[r, :], clean[w, :] - corrupt[w, :]>
 //   grad_clean[w, :] = sum_r z_eff[r, w] * grad_x[r, :]
 //
 // clean, corrupt [W, M], grad_x and x [R, M] (M = tokens * d_model flattened); corrupt absent
-// means zero ablation. Arithmetic is float32 (float64 for float64 writers), whatever the
-// storage dtype.
+// means zero ablation; base [M] (optional, in the arithmetic dtype) is a constant every
+// reader's input starts from (the model passes the corrupted prefix sum: adding it here
+// saves a pass over x and rounds once). Arithmetic is float32 (float64 for float64
+// writers), whatever the storage dtype.
 //
 // How: the columns M are cut into tiles of T columns (about 256K elements of writer data,
 // 1 MB in fp32, 256 to 4096 columns: wide enough for BLAS to run at full speed on these
@@ -37,9 +39,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace edgeprune {
 namespace {
@@ -50,19 +49,6 @@ constexpr int64_t kMaxChunks = 32;         // [R, W] partial sums of grad_z
 int64_t tile_columns(int64_t W) {
   int64_t t = std::clamp<int64_t>(kTileElements / std::max<int64_t>(W, 1), 256, 4096);
   return (t + 63) / 64 * 64;  // whole cache lines
-}
-
-// Ask Linux for transparent huge pages under a large fresh output, before anything touches
-// it. Why: the outputs (x, grad_clean) are new memory at every call, and faulting them in
-// 4 KB at a time cost as much as the products themselves here (about 1 ms per 1 MB). A
-// hint only: where THP is off or the call fails, nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 // diff[w, j] = clean[w, c0 + j] - corrupt[w, c0 + j] (ld columns a row) for j < n, and, when base is
@@ -144,16 +130,20 @@ at::Tensor view(const T* p, int64_t rows, int64_t n, int64_t ld) {
   return at::from_blob(const_cast<T*>(p), {rows, n}, {ld, 1}, options);
 }
 
-// x = sum_w corrupt[w] + z @ (clean - corrupt), z [R, W] contiguous in the arithmetic dtype.
+// x = base + sum_w corrupt[w] + z @ (clean - corrupt), z [R, W] contiguous in the arithmetic dtype,
+// base [M] in the arithmetic dtype or null.
 template <typename scalar_t>
-at::Tensor mix_tiles(const at::Tensor& z, const at::Tensor& clean, const scalar_t* corrupt) {
+at::Tensor mix_tiles(const at::Tensor& z, const at::Tensor& clean, const scalar_t* corrupt,
+                     const at::opmath_type<scalar_t>* ubase) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool direct = std::is_same_v<scalar_t, acc_t>;  // x is written in place, no staging buffer
   const int64_t R = z.size(0), W = z.size(1), M = clean.size(1);
   at::Tensor x = at::empty({R, M}, clean.options());
   if (R == 0 || M == 0) return x;
-  advise_huge_pages(x);
-  if (W == 0) return x.zero_();
+  if (W == 0) {
+    if (ubase == nullptr) return x.zero_();
+    return x.copy_(view<acc_t>(ubase, 1, M, M).expand({R, M}));
+  }
   const int64_t T = std::min(tile_columns(W), M);
   const int64_t n_tiles = (M + T - 1) / T;
   const scalar_t* cl = clean.const_data_ptr<scalar_t>();
@@ -164,7 +154,7 @@ at::Tensor mix_tiles(const at::Tensor& z, const at::Tensor& clean, const scalar_
     c10::InferenceMode no_autograd;  // worker threads do not inherit the caller's grad mode
     const bool need_diff = corrupt != nullptr || !direct;  // else the product reads clean in place
     at::Tensor diff = need_diff ? at::empty({W, T}, acc) : at::Tensor();
-    at::Tensor base = corrupt != nullptr ? at::empty({T}, acc) : at::Tensor();
+    at::Tensor base = corrupt != nullptr ? at::empty({T}, acc) : at::Tensor();  // sum_w corrupt (+ ubase)
     at::Tensor ybuf = direct ? at::Tensor() : at::empty({R, T}, acc);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t c0 = tile * T, n = std::min(T, M - c0);
@@ -178,8 +168,17 @@ at::Tensor mix_tiles(const at::Tensor& z, const at::Tensor& clean, const scalar_
       }
       at::Tensor y = direct ? view<acc_t>(reinterpret_cast<acc_t*>(xp) + c0, R, n, M)
                             : view<acc_t>(ybuf.data_ptr<acc_t>(), R, n, T);
+      const acc_t* start = nullptr;  // the row every reader starts from, if any
       if (corrupt != nullptr) {
-        y.copy_(view<acc_t>(base.data_ptr<acc_t>(), 1, n, T).expand({R, n}));
+        acc_t* b = base.data_ptr<acc_t>();
+        if (ubase != nullptr)
+          for (int64_t j = 0; j < n; ++j) b[j] += ubase[c0 + j];
+        start = b;
+      } else if (ubase != nullptr) {
+        start = ubase + c0;
+      }
+      if (start != nullptr) {
+        y.copy_(view<acc_t>(start, 1, n, T).expand({R, n}));
         y.addmm_(z, d);
       } else {
         at::mm_out(y, z, d);
@@ -207,7 +206,6 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_tiles(const at::Tensor& grad_x, 
     if (!accumulate) grad_clean.zero_();
     return {at::zeros({R, W}, acc), grad_clean};
   }
-  if (!accumulate) advise_huge_pages(grad_clean);
   const int64_t T = std::min(tile_columns(W), M);
   const int64_t n_tiles = (M + T - 1) / T;
   const int64_t n_chunks = std::min(n_tiles, kMaxChunks);
@@ -293,6 +291,23 @@ const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
+// base: [M] contiguous (any shape with M elements), in the arithmetic dtype of clean.
+void check_base(const std::optional<at::Tensor>& base_opt, const at::Tensor& clean) {
+  if (!base_opt.has_value()) return;
+  const at::Tensor& base = *base_opt;
+  EP_CHECK_CPU(base);
+  EP_CHECK_CONTIGUOUS(base);
+  TORCH_CHECK_VALUE(base.numel() == clean.size(1), "base: expected ", clean.size(1),
+                    " elements (one row of the writers' [W, M] view), got ", shape_of(base));
+  TORCH_CHECK_VALUE(base.scalar_type() == arithmetic_dtype(clean), "base: expected dtype ", arithmetic_dtype(clean),
+                    " (the arithmetic dtype of clean), got ", shape_of(base));
+}
+
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* base_or_null(const std::optional<at::Tensor>& base) {
+  return base.has_value() ? base->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> edge_mix_forward(const at::Tensor& log_alpha_edge,
@@ -300,7 +315,8 @@ std::tuple<at::Tensor, at::Tensor> edge_mix_forward(const at::Tensor& log_alpha_
                                                     const at::Tensor& clean, const std::optional<at::Tensor>& corrupt,
                                                     const std::optional<at::Tensor>& u_edge,
                                                     const std::optional<at::Tensor>& u_node, bool training,
-                                                    double beta, double left, double right) {
+                                                    double beta, double left, double right,
+                                                    const std::optional<at::Tensor>& base) {
   EP_CHECK_DIM(log_alpha_edge, 2);
   check_mask_and_noise(log_alpha_edge, u_edge, training, "log_alpha_edge", "u_edge");
   const int64_t R = log_alpha_edge.size(0), W = log_alpha_edge.size(1);
@@ -312,6 +328,7 @@ std::tuple<at::Tensor, at::Tensor> edge_mix_forward(const at::Tensor& log_alpha_
     check_mask_and_noise(ln, u_node, training, "log_alpha_node", "u_node");
   }
   check_writers(clean, corrupt, W);
+  check_base(base, clean);
 
   // z_eff = z_edge * z_node, sampled here, in the same call as the mixing
   at::Tensor z_eff = at::empty_like(log_alpha_edge);
@@ -332,19 +349,21 @@ std::tuple<at::Tensor, at::Tensor> edge_mix_forward(const at::Tensor& log_alpha_
   const at::Tensor z = z_eff.to(arithmetic_dtype(clean)).contiguous();  // no autograd history
   at::Tensor x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, clean.scalar_type(), "edge_mix_forward", [&] {
-    x = mix_tiles<scalar_t>(z, clean, ptr_or_null<scalar_t>(corrupt));
+    x = mix_tiles<scalar_t>(z, clean, ptr_or_null<scalar_t>(corrupt), base_or_null<scalar_t>(base));
   });
   return {x, z_eff};
 }
 
-at::Tensor mix_forward(const at::Tensor& z, const at::Tensor& clean, const std::optional<at::Tensor>& corrupt) {
+at::Tensor mix_forward(const at::Tensor& z, const at::Tensor& clean, const std::optional<at::Tensor>& corrupt,
+                       const std::optional<at::Tensor>& base) {
   EP_CHECK_MASK(z);
   EP_CHECK_DIM(z, 2);
   check_writers(clean, corrupt, z.size(1));
+  check_base(base, clean);
   const at::Tensor za = z.detach().to(arithmetic_dtype(clean)).contiguous();
   at::Tensor x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, clean.scalar_type(), "mix_forward", [&] {
-    x = mix_tiles<scalar_t>(za, clean, ptr_or_null<scalar_t>(corrupt));
+    x = mix_tiles<scalar_t>(za, clean, ptr_or_null<scalar_t>(corrupt), base_or_null<scalar_t>(base));
   });
   return x;
 }

@@ -5,6 +5,7 @@
 //                           float32, or float64 for float64 inputs; contiguous
 //   clean, corrupt, grad_x  [W, M] and [R, M] (M = all dims after the first, flattened),
 //                           float32 / bfloat16 / float16 / float64, contiguous
+//   base                    [M], the arithmetic dtype (float32, float64 for float64 writers)
 // These ops draw no noise: u comes from the caller (the Python side draws it from a seed),
 // so the backend reports supports_seed = False.
 #pragma once
@@ -55,9 +56,11 @@ std::tuple<at::Tensor, at::Tensor> edge_mix_forward(const at::Tensor& log_alpha_
                                                     const at::Tensor& clean, const std::optional<at::Tensor>& corrupt,
                                                     const std::optional<at::Tensor>& u_edge,
                                                     const std::optional<at::Tensor>& u_node, bool training,
-                                                    double beta, double left, double right);
+                                                    double beta, double left, double right,
+                                                    const std::optional<at::Tensor>& base = std::nullopt);
 
-at::Tensor mix_forward(const at::Tensor& z, const at::Tensor& clean, const std::optional<at::Tensor>& corrupt);
+at::Tensor mix_forward(const at::Tensor& z, const at::Tensor& clean, const std::optional<at::Tensor>& corrupt,
+                       const std::optional<at::Tensor>& base = std::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> mix_backward(const at::Tensor& grad_x, const at::Tensor& z, const at::Tensor& clean,
                                                 const std::optional<at::Tensor>& corrupt,

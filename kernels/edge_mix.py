@@ -4,12 +4,13 @@ one pass over the writer outputs, and one fused backward pass for the mixing.
 Maths (ARCHITECTURE.md §2). R readers, W writers, M = B*S*D columns, row-major 2D views:
 
     z_eff[r, w] = z_edge[r, w] * z_node[w]                                   [R, W] float32
-    x[r, m]     = sum_w corrupt[w, m] + sum_w z_eff[r, w] * (clean[w, m] - corrupt[w, m])
+    x[r, m]     = base[m] + sum_w corrupt[w, m] + sum_w z_eff[r, w] * (clean[w, m] - corrupt[w, m])
     grad_z[r, w]     = sum_m grad_x[r, m] * (clean[w, m] - corrupt[w, m])   [R, W] float32
     grad_clean[w, m] = sum_r z_eff[r, w] * grad_x[r, m]                      [W, M]
 
 clean, corrupt, x, grad_x, grad_clean: float32, bfloat16 or float16 (corrupt None = zero
-ablation); accumulation is float32 (`tl.dot` with ieee precision for float32 inputs, tf32
+ablation); base [M] float32 or None, a constant start shared by every reader (added in
+the float32 accumulator, so x is rounded once); accumulation is float32 (`tl.dot` with ieee precision for float32 inputs, tf32
 for 16-bit inputs, whose own rounding is coarser).
 
 Forward `_edge_mix_fwd_kernel`: grid (column blocks of M, reader blocks of R). Per writer
@@ -96,9 +97,10 @@ def _edge_mix_masks_kernel(z_out_ptr, la_edge_ptr, la_node_ptr, u_edge_ptr, u_no
 
 @triton.jit(do_not_specialize=["seed"])
 def _edge_mix_fwd_kernel(x_ptr, z_out_ptr, z_ptr, la_node_ptr, u_edge_ptr, u_node_ptr, clean_ptr, corrupt_ptr,
-                         R, W, M, seed, beta, scale, left, eps,
+                         base_ptr, R, W, M, seed, beta, scale, left, eps,
                          GIVEN_Z: tl.constexpr, HAS_NODE: tl.constexpr, TRAINING: tl.constexpr,
-                         USE_SEED: tl.constexpr, HAS_CORRUPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         USE_SEED: tl.constexpr, HAS_CORRUPT: tl.constexpr, HAS_BASE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -123,7 +125,9 @@ def _edge_mix_fwd_kernel(x_ptr, z_out_ptr, z_ptr, la_node_ptr, u_edge_ptr, u_nod
             base += tl.sum(corrupt, axis=0)
             diff = diff - corrupt
         acc = tl.dot(z, diff, acc, input_precision=DOT_PRECISION)
-    if HAS_CORRUPT:
+    if HAS_BASE:
+        base += tl.load(base_ptr + offs_m, mask=mask_m, other=0.0)
+    if HAS_CORRUPT or HAS_BASE:
         acc += base[None, :]
     mask_x = (offs_r[:, None] < R) & mask_m[None, :]
     x_ptrs = x_ptr + offs_r.to(tl.int64)[:, None] * M + offs_m[None, :]
@@ -208,10 +212,13 @@ def _check_writers(clean2d: torch.Tensor, corrupt2d: torch.Tensor | None, W: int
 
 
 def _launch_forward(z_or_la, la_node, u_edge, u_node, clean2d, corrupt2d, seed, training, params, given_z,
-                    fuse_sampling):
+                    fuse_sampling, base):
     R, W = z_or_la.shape
     _check_writers(clean2d, corrupt2d, W)
     M = clean2d.shape[1]
+    if base is not None and (base.numel() != M or base.dtype != torch.float32 or base.device != clean2d.device):
+        raise ValueError(f"base: expected a float32 tensor of {M} elements on {clean2d.device}, got {base.dtype} "
+                         f"{tuple(base.shape)} on {base.device}")
     clean2d = clean2d.contiguous()
     corrupt = clean2d if corrupt2d is None else corrupt2d.contiguous()
     z_or_la = z_or_la.to(torch.float32).contiguous()
@@ -244,32 +251,35 @@ def _launch_forward(z_or_la, la_node, u_edge, u_node, clean2d, corrupt2d, seed, 
         z_or_la, given_z = z_eff, True
         hc.update(seed=0, TRAINING=False, USE_SEED=False)  # one compiled variant of the mixing kernel for all modes
     _edge_mix_fwd_kernel[(n_col_blocks, triton.cdiv(R, cfg["BLOCK_R"]))](
-        x2d, z_eff, z_or_la, la_node, u_edge, u_node, clean2d, corrupt, R, W, M,
+        x2d, z_eff, z_or_la, la_node, u_edge, u_node, clean2d, corrupt,
+        z_or_la if base is None else base.contiguous().view(M), R, W, M,
         GIVEN_Z=given_z, HAS_NODE=has_node and not given_z, HAS_CORRUPT=corrupt2d is not None,
-        DOT_PRECISION=_dot_precision(clean2d.dtype), **cfg, **hc)
+        HAS_BASE=base is not None, DOT_PRECISION=_dot_precision(clean2d.dtype), **cfg, **hc)
     return x2d, z_eff
 
 
 def edge_mix_forward(la_edge: torch.Tensor, la_node: torch.Tensor | None, clean2d: torch.Tensor,
                      corrupt2d: torch.Tensor | None, u_edge: torch.Tensor | None, u_node: torch.Tensor | None,
-                     seed: int | None, training: bool, params,
-                     fuse_sampling: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     seed: int | None, training: bool, params, fuse_sampling: bool | None = None,
+                     base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x2d [R, M] in clean's dtype, z_eff [R, W] float32): masks sampled (from u_edge/u_node,
     or from Philox with ``seed`` when training and u_edge is None, or deterministic when not
     training) and mixed in one pass over clean/corrupt.
 
     ``fuse_sampling``: True samples inside the mixing kernel (one launch; each column
     program redoes the R*W samples), False samples once in `_edge_mix_masks_kernel` first
-    (two launches); None picks fused only when M fits one column block. Same bits either way."""
+    (two launches); None picks fused only when M fits one column block. Same bits either way.
+    ``base`` [M] float32: added to every reader's row (see the module docstring)."""
     if not training:
         u_edge = u_node = None
     return _launch_forward(la_edge, la_node, u_edge, u_node, clean2d, corrupt2d, seed, training, params, False,
-                           fuse_sampling)
+                           fuse_sampling, base)
 
 
-def mix_forward(z: torch.Tensor, clean2d: torch.Tensor, corrupt2d: torch.Tensor | None) -> torch.Tensor:
+def mix_forward(z: torch.Tensor, clean2d: torch.Tensor, corrupt2d: torch.Tensor | None,
+                base: torch.Tensor | None = None) -> torch.Tensor:
     """x2d [R, M] in clean's dtype for given masks z [R, W] (the same kernel, no sampling)."""
-    return _launch_forward(z, None, None, None, clean2d, corrupt2d, None, False, None, True, False)[0]
+    return _launch_forward(z, None, None, None, clean2d, corrupt2d, None, False, None, True, False, base)[0]
 
 
 @functools.cache

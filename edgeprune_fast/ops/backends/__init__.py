@@ -12,9 +12,11 @@ Each backend module exposes ``BACKEND``, an object with:
     unavailable(op, tensors) -> list[str]                  reasons it cannot serve; [] if it can
     hard_concrete_forward(log_alpha, u, seed, offset, training, params) -> z
     hard_concrete_backward(grad_z, log_alpha, u, seed, offset, training, params) -> grad_log_alpha
-    edge_mix_forward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params)
+    edge_mix_forward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params, base=None)
         -> (x2d [R, M] in clean's dtype, z_eff [R, W] float32)
-    mix_forward(z, clean2d, corrupt2d) -> x2d
+    mix_forward(z, clean2d, corrupt2d, base=None) -> x2d
+        base: None or [M] in the arithmetic dtype (float32; float64 for float64 writers),
+        added to every reader's row before x is rounded to clean's dtype
     mix_backward(grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None) -> (grad_z [R, W] float32, grad_clean2d)
         with grad_clean_out (a contiguous tensor like clean2d) grad_clean2d is added into it in
         place and it is returned

@@ -57,13 +57,14 @@ class CppBackend:
         return self._c().hard_concrete_backward(grad_z.to(log_alpha.dtype).contiguous(), log_alpha, u, training,
                                                 params.beta, params.left, params.right)
 
-    def edge_mix_forward(self, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params):
+    def edge_mix_forward(self, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params,
+                         base=None):
         self._no_seed(seed)
         return self._c().edge_mix_forward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, training,
-                                          params.beta, params.left, params.right)
+                                          params.beta, params.left, params.right, base)
 
-    def mix_forward(self, z, clean2d, corrupt2d):
-        return self._c().mix_forward(z, clean2d, corrupt2d)
+    def mix_forward(self, z, clean2d, corrupt2d, base=None):
+        return self._c().mix_forward(z, clean2d, corrupt2d, base)
 
     def mix_backward(self, grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None):
         return self._c().mix_backward(grad_x2d.to(clean2d.dtype).contiguous(), z, clean2d, corrupt2d, grad_clean_out)

@@ -26,14 +26,15 @@ class ReferenceBackend:
             (grad,) = torch.autograd.grad(z, la, grad_z)
         return grad
 
-    def edge_mix_forward(self, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params):
+    def edge_mix_forward(self, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params,
+                         base=None):
         z_eff = self.hard_concrete_forward(la_edge, u_edge, seed, 0, training, params)
         if la_node is not None:
             z_eff = z_eff * self.hard_concrete_forward(la_node, u_node, seed, 0, training, params)[None, :]
-        return mix_reference(z_eff, clean2d, corrupt2d), z_eff
+        return mix_reference(z_eff, clean2d, corrupt2d, base), z_eff
 
-    def mix_forward(self, z, clean2d, corrupt2d):
-        return mix_reference(z, clean2d, corrupt2d)
+    def mix_forward(self, z, clean2d, corrupt2d, base=None):
+        return mix_reference(z, clean2d, corrupt2d, base)
 
     def mix_backward(self, grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None):
         with torch.enable_grad():

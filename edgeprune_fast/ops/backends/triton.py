@@ -78,11 +78,13 @@ class TritonBackend:
     def hard_concrete_backward(self, grad_z, log_alpha, u, seed, offset, training, params):
         return self._k().hard_concrete_backward(grad_z, log_alpha, u, seed, offset, training, params)
 
-    def edge_mix_forward(self, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params):
-        return self._k().edge_mix_forward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params)
+    def edge_mix_forward(self, la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params,
+                         base=None):
+        return self._k().edge_mix_forward(la_edge, la_node, clean2d, corrupt2d, u_edge, u_node, seed, training, params,
+                                          base=base)
 
-    def mix_forward(self, z, clean2d, corrupt2d):
-        return self._k().mix_forward(z, clean2d, corrupt2d)
+    def mix_forward(self, z, clean2d, corrupt2d, base=None):
+        return self._k().mix_forward(z, clean2d, corrupt2d, base)
 
     def mix_backward(self, grad_x2d, z, clean2d, corrupt2d, grad_clean_out=None):
         return self._k().mix_backward(grad_x2d, z, clean2d, corrupt2d, grad_clean_out=grad_clean_out)
