@@ -125,6 +125,7 @@ def ours_step(hf, checkpoint_layers: bool = False):
             _, corrupted = pruned.reference(cids, logits=False)
         with record_function("phase: masked forward"):
             out = pruned(ids, corrupted_writers=corrupted, training=True)
+            del corrupted  # backward never reads them; the model let go of them after the forward
         with record_function("phase: loss"):
             loss = kl(out.logits, full_logits) + lagrangian(lambdas, out.edge_sparsity, out.node_sparsity)
         with record_function("phase: backward"):

@@ -432,6 +432,8 @@ class EdgePrunedModel(nn.Module):
         args = (store.token, store, training, self._noise(len(g.groups) - 1, training, u_node))
         h_r, k_r = checkpoint(self._final, *args, use_reentrant=False) if recompute else self._final(*args)
         kept.append(k_r)
+        if not recompute:  # backward never reads them: freed now unless the caller holds them
+            store.release_corrupted()
         logits = a.unembed(h_r)
         if sh is not None:
             logits = sh.leave(sh.root, logits)
@@ -484,18 +486,16 @@ class EdgePrunedModel(nn.Module):
         m, n = self.masks, self._graph.groups[gi].n_upstream
         delta = store.read(n)
         sink = store.grad_into(n) if torch.is_grad_enabled() else None  # backward adds into the slots' gradient
+        base = store.corrupted_sum(n)  # float32, added inside the kernel: x is rounded once
         if m.circuit is not None:
             z = m.circuit[gi]
-            x = mix(z, delta, grad_into=sink)
+            x = mix(z, delta, base=base, grad_into=sink)
         else:
             la = m.edge_log_alpha[gi]
-            kw: dict = {"training": training, "params": m.params, "grad_into": sink, **noise}
+            kw: dict = {"training": training, "params": m.params, "base": base, "grad_into": sink, **noise}
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
             x, z = edge_mix(la, delta, **kw)
-        base = store.corrupted_sum(n)
-        if base is not None:  # summed in float32, rounded once to the model dtype
-            x = x + base if x.dtype == base.dtype else (x + base).to(x.dtype)
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:

@@ -308,6 +308,7 @@ class Trainer:
         self.model.train()
         with self._own_rng():
             loss, row = self.forward_loss(batch, full_logits, corrupted)
+            del corrupted  # uncached, the corrupted states are freed before backward (the model dropped them)
             if not math.isfinite(row["loss"]):
                 raise NonFiniteLoss(f"step {self.step + 1}: the loss is {row['loss']} (task loss {row['kl']}, "
                                     f"edge sparsity {row['edge_sparsity']:.4f}, lambdas {row['lambda_edge']})")

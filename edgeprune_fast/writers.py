@@ -23,8 +23,11 @@ read's gradient is added into a gradient buffer ``G[:n]`` in place, and WriteSlo
 ``G[slot:slot+k]`` as y's gradient. The model's reads hand ``grad_into(n)`` (giving the view
 G[:n]) to edge_mix, whose backward adds into it directly, so no [n, B, S, D] gradient is
 made per read; a read whose gradient comes back through autograd instead has ReadSlots add
-it. G is allocated, zeroed, by the first backward that needs it (the last read's): it does
-not exist during the forward. The token chain orders backward
+it. G does not exist during the forward. The first backward to reach it is the last read's
+(resid_post reads every slot): ``grad_into`` gives None then, so that read's gradient comes
+back through autograd as a new [W, B, S, D] tensor, and ReadSlots adopts that tensor as G
+(no zero-filled buffer, no extra pass); a first read of fewer slots gets G allocated zeroed.
+The token chain orders backward
 correctly: every read of slot s happens after the write of s, so it holds a token derived
 from the write's token, and autograd runs a node's backward only after all nodes that
 consumed its outputs; hence all readers of a slot have added into G before its writer
@@ -98,16 +101,35 @@ class WriterStore:
         layer's recomputation starts again from its first slot and rewrites the same values."""
         self.token, self.n_written = token, n_written
 
+    def release_corrupted(self) -> None:
+        """Drop the corrupted states and their prefix sum once the forward is done: backward
+        never reads them (unless a checkpointed layer is recomputed), so a caller that keeps
+        no reference of its own frees them before backward."""
+        self.corrupt, self._sum, self._sum_n = None, None, 0
+
     def gradient(self) -> torch.Tensor:
-        """G, allocated zeroed on first use (in backward)."""
+        """G, allocated zeroed on first use (in backward) unless a full read's gradient was adopted."""
         if self.grad is None:
             self.grad = torch.zeros_like(self.buffer)
         return self.grad
 
+    def adopt_or_add(self, g: torch.Tensor, n: int) -> None:
+        """G[:n] += g, where g is a read's gradient; the first one, covering every slot,
+        becomes G itself (see the module docstring)."""
+        if self.grad is None and g.shape == self.buffer.shape and g.dtype == self.buffer.dtype \
+                and g.is_contiguous():
+            self.grad = g
+        else:
+            self.gradient()[:n] += g
+
     def grad_into(self, n: int):
         """For edge_mix's ``grad_into`` on a read of n slots: a function giving G[:n] when
-        backward runs (None without autograd)."""
-        return (lambda: self.gradient()[:n]) if self.token.requires_grad else None
+        backward runs, or None there when G does not exist yet and the read covers every slot
+        (its gradient then comes through autograd and becomes G); None without autograd."""
+        if not self.token.requires_grad:
+            return None
+        full = n == self.buffer.shape[0]
+        return lambda: None if full and self.grad is None else self.gradient()[:n]
 
     def read(self, n: int) -> torch.Tensor:
         """The view buffer[:n] of the first n writers (all already written)."""
@@ -147,7 +169,7 @@ class ReadSlots(torch.autograd.Function):
     def backward(ctx, g):
         store, n = ctx.store, ctx.n
         if g is not None:
-            store.gradient()[:n] += g
+            store.adopt_or_add(g, n)
         dtype, device = ctx.token_like
         return torch.empty(0, dtype=dtype, device=device), None, None
 

@@ -36,6 +36,9 @@ class CatStore:
     def grad_into(self, n):  # gradients through autograd (the cat's backward)
         return None
 
+    def release_corrupted(self):
+        self.corrupt = None
+
 
 
 def _ids(seed):
@@ -87,6 +90,37 @@ def test_slot_buffer_gradients_equal_cat_implementation(arch, node_masks, monkey
     (logits_a, grads_a), (logits_b, grads_b) = results
     torch.testing.assert_close(logits_a, logits_b, atol=1e-6, rtol=0)
     for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint_layers", [False, True])
+def test_corrupted_states_are_dropped_after_the_forward(checkpoint_layers, monkeypatch):
+    """Backward never reads the corrupted states (only a checkpointed layer's recomputation
+    does), so the store lets go of them when the forward ends: states the caller does not
+    hold are freed before backward. The gradients match the concatenating store's."""
+    stores = []
+
+    class Recording(WriterStore):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    model = tiny_model("gpt2")
+    ids, cids = _ids(0), _ids(1)
+    grads = []
+    for store, ckpt in ((Recording, checkpoint_layers), (CatStore, False)):
+        monkeypatch.setattr(EdgePrunedModel, "store_cls", store)
+        torch.manual_seed(3)
+        pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0, checkpoint_layers=ckpt)
+        full, _ = pruned.reference(ids)
+        torch.manual_seed(4)
+        kl, _ = _kl(pruned, full, ids, cids)
+        if store is Recording:
+            (recorded,) = stores
+            assert (recorded.corrupt is None) == (not checkpoint_layers)
+        kl.backward()
+        grads.append([p.grad for p in pruned.edge_log_alpha_parameters()])
+    for ga, gb in zip(*grads):
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-5)
 
 

@@ -82,3 +82,37 @@ def assert_grad_into_agrees(runs, tol: dict) -> None:
             assert got is None, name
         else:
             torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def base_runs(R, W, N, D, *, corrupted, dtype=torch.float32, device="cpu"):
+    """edge_mix and mix with ``base`` under the current backend. Returns [(name, want, got)]:
+    x against the maths in float64 (base + sum_w z clean + (1 - z) corrupt, with the z the op
+    returns), and every gradient against the same call without base (base is a constant:
+    it changes no gradient). base is in the arithmetic dtype, as the model passes it."""
+    from edgeprune_fast.ops import edge_mix, mix
+
+    la, ln, clean, corrupt, ue, un = edge_mix_inputs(R, W, N, D, corrupted=corrupted, node=True, dtype=dtype,
+                                                     device=device)
+    base = torch.randn(N, D, dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+    g = torch.randn(R, N, D).to(device, dtype)
+    zm = torch.rand(R, W).to(device)
+    out = []
+    for name, call in (("edge_mix", lambda c, a, b, **kw: edge_mix(a, c, corrupt, log_alpha_node=b, u_edge=ue,
+                                                                      u_node=un, **kw)),
+                       ("mix", lambda c, a, b, **kw: (mix(zm, c, corrupt, **kw), zm))):
+        runs = []
+        for b in (None, base):
+            a, n, c = leaves(la, ln, clean)
+            x, z = call(c, a, n, base=b)
+            x.backward(g)
+            runs.append((x.detach(), z.detach(), a.grad, n.grad, c.grad))
+        x, z = runs[1][0], runs[1][1]
+        want = base.double() + torch.einsum("rw,w...->r...", z.double(), clean.double())
+        if corrupt is not None:
+            want = want + torch.einsum("rw,w...->r...", 1 - z.double(), corrupt.double())
+        out.append((f"{name} x", want, x.double()))
+        for i, what in enumerate(("grad log_alpha_edge", "grad log_alpha_node", "grad clean"), start=2):
+            if name == "mix" and what != "grad clean":
+                continue
+            out.append((f"{name} {what}", runs[0][i], runs[1][i]))
+    return out

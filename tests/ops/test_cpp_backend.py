@@ -32,6 +32,7 @@ if _native.load() is None:
 
 from tests.ops._edge_mix_cases import (
     assert_grad_into_agrees,
+    base_runs,
     edge_mix_inputs,
     grad_into_runs,
     leaves,
@@ -316,6 +317,26 @@ def test_grad_into_adds_the_clean_gradient_in_place(dtype, R, corrupted):
     with use_backend("cpp"):
         runs = grad_into_runs(R, 37, 11, 13, corrupted=corrupted, dtype=dtype)
     assert_grad_into_agrees(runs, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("R", [1, 4, 70])
+@pytest.mark.parametrize("corrupted", [True, False])
+def test_base_is_added_to_every_reader(dtype, R, corrupted):
+    """base: added to every reader's x inside the tiles (with and without the corrupted
+    column sums it joins), rounded once; no gradient changes."""
+    tol = TOL.get(dtype, dict(rtol=2e-2, atol=2e-2))
+    with use_backend("cpp"):
+        runs = base_runs(R, 37, 11, 13, corrupted=corrupted, dtype=dtype)
+    assert_grad_into_agrees(runs, tol)
+
+
+def test_base_is_checked_by_the_extension():
+    z, clean = torch.rand(2, 3), torch.randn(3, 20)
+    with pytest.raises(ValueError, match="base: expected 20 elements"):
+        _C.mix_forward(z, clean, None, torch.zeros(21))
+    with pytest.raises(ValueError, match="base: expected dtype Double"):
+        _C.mix_forward(z.double(), clean.double(), None, torch.zeros(20))
 
 
 def test_grad_into_is_checked():

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim
 
 from tests.ops._edge_mix_cases import (  # noqa: E402
     assert_grad_into_agrees,
+    base_runs,
     edge_mix_inputs,
     grad_into_runs,
     leaves,
@@ -150,6 +151,16 @@ def test_grad_into_adds_the_clean_gradient_in_place(dtype, R):
     tol = TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     with use_backend("triton"):
         runs = grad_into_runs(R, 17, 3, 13, corrupted=True, dtype=dtype, device=DEVICE)
+    assert_grad_into_agrees(runs, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("corrupted", [True, False])
+def test_base_is_added_to_every_reader(dtype, corrupted):
+    """base: added in the float32 accumulator of every reader's x; no gradient changes."""
+    tol = TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with use_backend("triton"):
+        runs = base_runs(5, 17, 3, 13, corrupted=corrupted, dtype=dtype, device=DEVICE)
     assert_grad_into_agrees(runs, tol)
 
 

@@ -42,6 +42,16 @@ def test_mixed_dtypes_and_devices():
         edge_mix(la, clean.to("meta"), None)
 
 
+def test_base_checks():
+    la, clean, corrupt = _ok()
+    with pytest.raises(ValueError, match=r"base: expected shape \(2, 4\) \(clean's without its writer dim\), got .*\(5, 2, 4\)"):
+        edge_mix(la, clean, corrupt, base=clean)
+    with pytest.raises(ValueError, match="base: expected a constant .*requires grad"):
+        mix(torch.rand(3, 5), clean, base=torch.zeros(2, 4, requires_grad=True))
+    with pytest.raises(ValueError, match="expected all tensors on one device, got clean on cpu, base on meta"):
+        mix(torch.rand(3, 5), clean, base=torch.zeros(2, 4, device="meta"))
+
+
 def test_non_finite_log_alpha():
     la, clean, corrupt = _ok()
     la[1, 2] = float("nan")
