@@ -33,7 +33,10 @@ Time: median wall time of ``--reps`` steps after one warm-up step (fewer where o
 slow: the timed steps of a method at a point stop at ``--method-seconds``, the original's at
 ``--baseline-seconds``; at least one). On the CPU each method runs in a fresh process of its
 own, with glibc's default malloc, as users run it: in one shared process each method's
-speed depended on the allocator state the others left (the same step varied by 30 %). On
+speed depended on the allocator state the others left (the same step varied by 30 %).
+``--rounds N`` runs those processes N times, the methods in turn, and takes the median of
+all their steps: the machine drifts between processes (a method's median moved by up to
+20 % from one run to the next), and alternating spreads the drift over every method. On
 CUDA the methods share the process and are timed in turn (round robin). Memory:
 peak above the level at the start of a step (bench/common.py ``PeakMemory``), after one
 warm-up step: ``max_memory_allocated`` on CUDA, in the same process; on the CPU the resident
@@ -287,6 +290,35 @@ def measure_point(p: Point, args, dtype: torch.dtype, methods: list[str]) -> tup
     return rows, skipped
 
 
+def time_in_rounds(p: Point, args, methods: list[str]) -> tuple[list[dict], list[dict]]:
+    """CPU step times: every method in a fresh process of its own, the methods taken in turn,
+    ``--rounds`` times over, so that a slow spell of the shared machine falls on all of them.
+    Per method, ``seconds`` is the median of all timed steps of all rounds; ``seconds_rounds``
+    keeps each round's median, ``seconds_all`` every step."""
+    got: dict[str, list[dict]] = {}
+    skipped: list[dict] = []
+    for rnd in range(args.rounds):
+        for name in [m for m in methods if m not in {x["method"] for x in skipped}]:
+            r, s = run_child(p, args, [name], "time")
+            skipped += s
+            for x in r:
+                got.setdefault(name, []).append(x)
+                print(f"  {name:<22} {x['seconds']:8.3f} s ({x['cpu_seconds']:8.3f} s CPU; {x['reps']} reps"
+                      f"{f'; round {rnd + 1}' if args.rounds > 1 else ''})", flush=True)
+            for x in s:
+                print(f"  {name:<22} skipped: {x['reason']}", flush=True)
+    rows = []
+    for runs in got.values():
+        row = dict(runs[0])
+        steps = [t for x in runs for t in x["seconds_all"]]
+        row.update(seconds=statistics.median(steps), seconds_all=steps,
+                   seconds_rounds=[round(x["seconds"], 4) for x in runs],
+                   cpu_seconds=round(statistics.median(x["cpu_seconds"] for x in runs), 4),
+                   reps=len(steps), rounds=len(runs))
+        rows.append(row)
+    return rows, skipped
+
+
 def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[list[dict], list[dict]]:
     """All methods at one point (hf_floor_weight_grads only at the main point, for comparison).
     CUDA: in this process. CPU: each method timed in a fresh process of its own (so that no
@@ -295,16 +327,7 @@ def run_point(p: Point, args, dtype: torch.dtype, main_point: bool) -> tuple[lis
     if args.device == "cuda":
         rows, skipped = measure_point(p, args, dtype, methods)
     else:
-        rows, skipped = [], []
-        for name in methods:
-            r, s = run_child(p, args, [name], "time")
-            rows += r
-            skipped += s
-            for x in r:
-                print(f"  {name:<22} {x['seconds']:8.3f} s ({x['cpu_seconds']:8.3f} s CPU; {x['reps']} reps)",
-                      flush=True)
-            for x in s:
-                print(f"  {name:<22} skipped: {x['reason']}", flush=True)
+        rows, skipped = time_in_rounds(p, args, methods)
         if rows:
             peaks, s = run_child(p, args, [r["method"] for r in rows], "peaks")
             by_method = {r["method"]: r for r in peaks}
@@ -497,6 +520,8 @@ def main() -> None:
                     help="(internal) CPU: measure one point in this process and print its rows as JSON: 'time' "
                          "with the default malloc, 'peaks' (one step after the warm-up) with a fixed mmap threshold")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="CPU: time every method this many times, in turn, each in a fresh process (default 1)")
     args = ap.parse_args()
     if unknown := set(args.methods) - set(METHODS):
         ap.error(f"--methods: expected names from {', '.join(METHODS)}, got {', '.join(sorted(unknown))}")
@@ -509,6 +534,8 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA GPU is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected a positive integer, got {args.rounds}")
     if args.reps is None:
         args.reps = 10 if args.device == "cuda" else 2 if args.quick else 3
     if args.baseline_max_gb is None:

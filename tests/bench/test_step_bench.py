@@ -46,3 +46,33 @@ def test_writer_growth_is_the_excess_slope_in_writer_tensors():
     assert t["ours"]["writer_growth"] == {"value": 2.0, "target": "<= 4", "met": True}
     assert t["ours"]["peak_ratio_vs_original"]["met"] is True
     assert t["ours"]["speedup_vs_original"] == {"value": 1.0, "target": ">= 6", "met": False}
+
+
+def test_rounds_alternate_the_methods_and_pool_their_steps(monkeypatch):
+    """--rounds: each method's child runs once per round, the methods in turn; seconds is the
+    median of every step of every round, seconds_rounds each round's median. A method whose
+    child fails is skipped, with its reason, and not run again."""
+    from types import SimpleNamespace
+
+    from bench import step_bench
+
+    calls, times = [], {"ours": iter([[3.0, 3.2], [2.0, 2.1]]), "original": iter([[20.0, 21.0], [18.0, 19.0]])}
+
+    def fake_child(p, args, methods, mode):
+        (name,) = methods
+        calls.append(name)
+        if name == "hf_floor":
+            return [], [{"method": name, "reason": "the --child time process exited 1"}]
+        steps = next(times[name])
+        return [{"method": name, "seconds": sorted(steps)[len(steps) // 2], "seconds_all": steps,
+                 "cpu_seconds": 2 * steps[0], "reps": len(steps)}], []
+
+    monkeypatch.setattr(step_bench, "run_child", fake_child)
+    point = step_bench.Point(12, 8, 32, "single")
+    rows, skipped = step_bench.time_in_rounds(point, SimpleNamespace(rounds=2), ["hf_floor", "ours", "original"])
+    assert calls == ["hf_floor", "ours", "original", "ours", "original"]
+    assert [s["method"] for s in skipped] == ["hf_floor"]
+    by = {r["method"]: r for r in rows}
+    assert by["ours"]["seconds"] == 2.55 and by["ours"]["seconds_all"] == [3.0, 3.2, 2.0, 2.1]
+    assert by["ours"]["seconds_rounds"] == [3.2, 2.1] and by["ours"]["reps"] == 4 and by["ours"]["rounds"] == 2
+    assert by["original"]["seconds"] == 19.5 and by["original"]["cpu_seconds"] == 38.0
