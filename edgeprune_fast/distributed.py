@@ -136,6 +136,14 @@ class DataParallel:
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
 
+    def any_process(self, flag: bool) -> bool:
+        """True on every process if ``flag`` is True on any (one small all_reduce): lets all
+        processes take the same branch, e.g. stop together on a non-finite loss instead of
+        leaving the others waiting in the next collective."""
+        t = torch.tensor([int(bool(flag))], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def shard_weights(self, model):
         """Shard ``model``'s frozen HF weights over the processes with FSDP2 (an EdgePrunedModel
         already on ``self.device``; see :meth:`EdgePrunedModel.shard_weights` and sharding.py);

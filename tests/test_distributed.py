@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from edgeprune_fast.distributed import DataParallel
 from edgeprune_fast.model import EdgePrunedModel
 from edgeprune_fast.tasks.base import Task, TaskBatch
-from edgeprune_fast.train import TrainConfig, Trainer
+from edgeprune_fast.train import NonFiniteLoss, TrainConfig, Trainer
 from tests.models._tiny import VOCAB, tiny_model
 
 B, S, STEPS = 4, 6, 3
@@ -134,3 +135,42 @@ def test_shard_and_bad_input():
             DataParallel.from_env()
     finally:
         os.environ.update(env)
+
+
+class NaNOnRankOne(KLTask):
+    """The task loss is NaN on process 1 only."""
+
+    def loss(self, circuit_logits, full_logits, batch):
+        loss = super().loss(circuit_logits, full_logits, batch)
+        return loss * float("nan") if torch.distributed.get_rank() == 1 else loss
+
+
+def _nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dp = join_gloo(rank, world, port)
+    try:
+        t = trainer(dp)
+        t.task = NaNOnRankOne()
+        try:
+            t.train_step()
+            message = "no error"
+        except NonFiniteLoss as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dp.close()
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process(tmp_path):
+    """Process 1's loss is NaN: both raise NonFiniteLoss in the same step (process 0 says it
+    came from another process) instead of process 0 waiting forever in the all_reduce."""
+    ctx = mp.spawn(_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a process was still running 120 s after the other's non-finite loss")
+    got = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert got[0].startswith("step 1: the loss is not finite on another process (here it is 0."), got[0]
+    assert got[1].startswith("step 1: the loss is nan on process 1"), got[1]
