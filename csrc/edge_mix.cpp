@@ -39,7 +39,6 @@
 #include <cstdint>
 #include <type_traits>
 
-
 namespace edgeprune {
 namespace {
 
