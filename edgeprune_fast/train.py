@@ -311,10 +311,10 @@ class Trainer:
             del corrupted  # uncached, the corrupted states are freed before backward (the model dropped them)
             bad_here, dp = not math.isfinite(row["loss"]), self.data_parallel
             # every process stops together: none is left waiting in the gradients' all_reduce
-            if dp.any_process(bad_here) if dp is not None else bad_here:
-                if not bad_here:
-                    raise NonFiniteLoss(f"step {self.step + 1}: the loss is not finite on another process (here it "
-                                        f"is {row['loss']}); every process stops")
+            if dp is not None and dp.any_process(bad_here) and not bad_here:
+                raise NonFiniteLoss(f"step {self.step + 1}: the loss is not finite on another process (here it is "
+                                    f"{row['loss']}); every process stops")
+            if bad_here:
                 where = "" if dp is None else f" on process {dp.rank}"
                 raise NonFiniteLoss(f"step {self.step + 1}: the loss is {row['loss']}{where} (task loss {row['kl']}, "
                                     f"edge sparsity {row['edge_sparsity']:.4f}, lambdas {row['lambda_edge']})")

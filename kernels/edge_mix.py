@@ -10,7 +10,8 @@ Maths (ARCHITECTURE.md §2). R readers, W writers, M = B*S*D columns, row-major 
 
 clean, corrupt, x, grad_x, grad_clean: float32, bfloat16 or float16 (corrupt None = zero
 ablation); base [M] float32 or None, a constant start shared by every reader (added in
-the float32 accumulator, so x is rounded once); accumulation is float32 (`tl.dot` with ieee precision for float32 inputs, tf32
+the float32 accumulator, so x is rounded once); accumulation is float32 (`tl.dot` with
+ieee precision for float32 inputs, tf32
 for 16-bit inputs, whose own rounding is coarser).
 
 Forward `_edge_mix_fwd_kernel`: grid (column blocks of M, reader blocks of R). Per writer

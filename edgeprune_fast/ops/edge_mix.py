@@ -14,15 +14,16 @@ to corrupt:
     dL/dclean[w]    = sum_r z_eff[r, w] * dL/dx[r]
 
 `edge_mix` samples the hard-concrete masks and mixes in one pass; `mix` mixes with
-given masks (fixed circuits, evaluation). Both take ``base`` [*, D]: a constant added to
-every reader's x, inside the kernel (no pass over x of its own, x rounded once; no
-gradient flows to it): the model passes the corrupted prefix sum there. And ``grad_into``: a tensor like clean (or
-a function returning one when backward runs, so that it need not exist before) into which
-backward *adds* dL/dclean in place, instead of returning it through autograd (a function
-may return None: the gradient then comes through autograd, as without grad_into). Callers that
-sum the gradients of many overlapping reads (the model's slot buffer, writers.py) so skip
-one [W, *, D] tensor and one pass over it per read. The backend (Triton, C++, reference) is chosen
-in `backends`; the autograd Functions here are shared by all of them.
+given masks (fixed circuits, evaluation). Both take ``base`` [*, D], a constant added to
+every reader's x inside the kernel (no pass over x of its own, x rounded once, no gradient
+flows to it; the model passes the corrupted prefix sum), and ``grad_into``: a tensor like
+clean (or a function returning one when backward runs, so that it need not exist before)
+into which backward *adds* dL/dclean in place, instead of returning it through autograd
+(a function may return None: the gradient then comes through autograd, as without
+grad_into). Callers that sum the gradients of many overlapping reads (the model's slot
+buffer, writers.py) so skip one [W, *, D] tensor and one pass over it per read. The
+backend (Triton, C++, reference) is chosen in `backends`; the autograd Functions here are
+shared by all of them.
 """
 
 from __future__ import annotations
