@@ -72,3 +72,37 @@ def test_baseline_step_trains_the_masks():
     moved = [r for r in base.readers if not torch.equal(la[r].detach()[base.valid(r).bool()], before[r][base.valid(r).bool()])]
     assert moved == base.readers
     assert bool((lambdas.detach() != 1).all())
+
+
+def test_node_masks_mixed_at_the_write_as_ours_fold_them_into_the_edges():
+    # fractional deterministic masks (eval): ours multiplies z_node into z_edge at each read,
+    # the baseline mixes z_node * y + (1 - z_node) * y~ at each write, as the original code
+    # does; the reader inputs are the same (module docstring), so the logits must be too
+    hf = tiny_model("gpt2")
+    ours = EdgePrunedModel.from_hf(hf, split_embeds=True, node_masks=True, ablation="corrupted").eval()
+    base = OriginalGPT2(hf)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ours.masks.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 2)  # sigmoid(log_alpha) spread over (0, 1)
+
+    def det(la):  # the deterministic hard-concrete mask
+        P = ours.masks.params
+        return (torch.sigmoid(la) * (P.right - P.left) + P.left).clamp(0, 1)
+
+    masks = {}
+    for grp, la in zip(ours.graph.groups, ours.masks.edge_log_alpha):
+        for reader, row in zip(grp.readers, det(la.detach())):
+            masks[reader] = torch.cat([row, row.new_zeros(base.W - row.numel())])
+    node = det(ours.masks.node_log_alpha.detach())
+    assert int(((node > 0) & (node < 1)).sum()) >= node.numel() // 2  # mostly fractional
+    ids, cids = _ids(0), _ids(1)
+    with torch.no_grad():
+        _, corrupt = base.forward(cids, base.all_ones())
+        want, _ = base.forward(ids, masks, corrupt, node)
+        folded, _ = base.forward(ids, {r: m * node for r, m in masks.items()}, corrupt)
+        got = ours(ids, cids).logits
+        without_nodes, _ = base.forward(ids, masks, corrupt)
+    assert (without_nodes - want).abs().max() > 1e-2  # the node masks matter here
+    torch.testing.assert_close(want, folded, atol=TOL, rtol=0)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
