@@ -67,6 +67,13 @@ def check_out_folder(out: Path, *, replace_previous: bool = False) -> bool:
     return old
 
 
+def _umask() -> int:
+    """This process's umask (reading it means setting it; set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_output(out: Path, *, replace_previous: bool = False):
     """Write into a temporary sibling folder; move it to ``out`` only on success.
@@ -78,6 +85,7 @@ def staged_output(out: Path, *, replace_previous: bool = False):
     old = check_out_folder(out, replace_previous=replace_previous)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 is for the stage, not the result
     try:
         yield tmp
     except BaseException:
@@ -104,6 +112,7 @@ def staged_file(out: Path):
     fd, name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 is for the stage, not the result
     try:
         yield tmp
     except BaseException:

@@ -144,6 +144,14 @@ class DataParallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def weighted_mean(self, value: float, weight: float | torch.Tensor) -> float:
+        """sum_p weight_p * value_p / sum_p weight_p over the processes (one small all_reduce):
+        the global batch's mean from each process's mean over its share (``weight``: its
+        number of target positions, as in ``all_reduce_gradients``)."""
+        t = torch.tensor([float(value) * float(weight), float(weight)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t[0] / t[1])
+
     def shard_weights(self, model):
         """Shard ``model``'s frozen HF weights over the processes with FSDP2 (an EdgePrunedModel
         already on ``self.device``; see :meth:`EdgePrunedModel.shard_weights` and sharding.py);

@@ -318,6 +318,9 @@ class Trainer:
                 where = "" if dp is None else f" on process {dp.rank}"
                 raise NonFiniteLoss(f"step {self.step + 1}: the loss is {row['loss']}{where} (task loss {row['kl']}, "
                                     f"edge sparsity {row['edge_sparsity']:.4f}, lambdas {row['lambda_edge']})")
+            if dp is not None:  # log the global batch's task loss, as one process would see it
+                kl_all = dp.weighted_mean(row["kl"], batch.target_mask.sum())
+                row.update(kl=kl_all, loss=row["loss"] - row["kl"] + kl_all, kl_this_process=row["kl"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.data_parallel is not None:

@@ -197,6 +197,20 @@ def test_out_folder_rules(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "prev"]
 
 
+def test_staged_outputs_get_the_modes_of_plain_mkdir_and_open(tmp_path):
+    # the temporary stage's private modes (0700, 0600) must not stick to the results
+    old = os.umask(0o022)
+    try:
+        with cli.staged_output(tmp_path / "run") as stage:
+            (stage / "circuit.json").write_text("{}")
+        with cli.staged_file(tmp_path / "masks.safetensors") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "masks.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_plan_delegates(capsys):
     pytest.importorskip("edgeprune_fast.plan")
     code, stdout, err = run(["plan", "--layers", "2", "--heads", "2", "--d-model", "32", "--seq", "16"], capsys)

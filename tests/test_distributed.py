@@ -59,10 +59,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str, steps: int) -> None:
     dp = join_gloo(rank, world, port)
     try:
         t = trainer(dp, out_dir)
-        for _ in range(steps):
-            t.train_step()
+        rows = [t.train_step() for _ in range(steps)]
         t.save_checkpoint()
         state = {k: v.contiguous() for k, v in t.model.mask_state_dict().items()}
+        state["log.kl"] = torch.tensor([r["kl"] for r in rows], dtype=torch.float64)
+        state["log.kl_this_process"] = torch.tensor([r["kl_this_process"] for r in rows], dtype=torch.float64)
         state["adam.exp_avg_sq.0"] = t.optimizer.state[t.optimizer.param_groups[0]["params"][0]]["exp_avg_sq"]
         save_file(state, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
@@ -85,11 +86,14 @@ def two_process_run(tmp_path_factory):
 def test_two_processes_equal_one_process_on_the_global_batch(two_process_run):
     torch.set_num_threads(1)
     single = trainer(None)
-    for _ in range(STEPS - 1):
-        single.train_step()
+    single_kl = torch.tensor([single.train_step()["kl"] for _ in range(STEPS - 1)], dtype=torch.float64)
     ranks = [load_file(str(two_process_run / f"rank{r}.safetensors")) for r in range(2)]
-    for k in ranks[0]:  # every process holds the same state, bit for bit
+    local_kl = [ranks[r].pop("log.kl_this_process") for r in range(2)]
+    assert (local_kl[0] - local_kl[1]).abs().max() > 1e-4  # each process's own share differs...
+    for k in ranks[0]:  # ...but every process holds the same state and logs the same KL, bit for bit
         torch.testing.assert_close(ranks[1][k], ranks[0][k], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0].pop("log.kl"), single_kl, rtol=1e-5, atol=1e-7)  # the global batch's
+    ranks[1].pop("log.kl")
     ref = single.model.mask_state_dict()
     moved = 0.0
     for k, v in ref.items():
