@@ -346,7 +346,9 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Train until ``config.steps`` (continuing from ``self.step`` after a resume); returns
-        the history (one row per step: kl, sparsities, targets, lambdas, lr; ``eval`` rows)."""
+        the history (one row per step: kl, sparsities, targets, lambdas, lr; ``eval`` rows).
+        Under data parallel, kl and loss are the global batch's on every process, and
+        kl_this_process is the process's own share's."""
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="pruning", unit="step",
                    dynamic_ncols=True)
