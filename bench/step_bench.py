@@ -15,10 +15,10 @@ and inputs in one process:
              corrupted input (writer states), both plain no-grad HF forwards; the masked
              forward with sampled masks; loss; backward; AdamW on the log_alphas and
              (maximize=True) on the Lagrange multipliers.
-  original   bench/original_baseline.py (the original algorithm: full (W, B, S, D) clean and
-             corrupted tensors, a new full-size tensor per write, reads over all W slots):
-             two extra disentangled no-grad passes, the masked pass, the same loss, backward
-             and optimiser steps.
+  original   bench/original_baseline.py (the original algorithm, op for op as the original
+             code runs it: full (W, B, S, D) clean and corrupted tensors, a new full-size
+             tensor per write, reads over all W slots): two extra disentangled no-grad
+             passes, the masked pass, the same loss, backward and optimiser steps.
   hf_floor   the plain HF reference point: three forwards and one backward of the unmodified
              model on the same batch (two no-grad forwards of the clean and corrupted input,
              one forward with grad, the same KL, backward). The weights stay frozen, as in a
