@@ -147,9 +147,9 @@ def check_processes(args: Namespace, world: int) -> None:
                          f"WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}")
     if world <= 1:
         return
-    if args.batch_size % world:  # every process takes an equal slice of every global batch
-        raise UsageError(f"--batch-size: expected a multiple of the {world} processes (the global batch is split "
-                         f"evenly over them), got {args.batch_size}")
+    if args.batch_size < world:  # every process takes a slice of every global batch
+        raise UsageError(f"--batch-size: expected at least one example per process ({world}; the global batch is "
+                         f"split over them), got {args.batch_size}")
     dev = _device(args.device)
     if dev.type not in ("cpu", "cuda") or dev.index is not None:
         raise UsageError(f"--device: under torchrun each process takes the GPU of its LOCAL_RANK; expected cpu or "
@@ -178,17 +178,17 @@ def join_processes(args: Namespace):
     return DataParallel(dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
 
 
-def divisible_batches(batches: list, world: int, report: bool) -> list:
-    """The training batches whose rows split evenly over ``world`` processes: a short last
-    batch that does not is left out (with a note), as the processes cannot share it."""
-    kept = [b for b in batches if len(b) % world == 0]
+def shareable_batches(batches: list, world: int, report: bool) -> list:
+    """The training batches with a row for each of ``world`` processes: a short last batch
+    with fewer rows than processes is left out (with a note), as they cannot all share it."""
+    kept = [b for b in batches if len(b) >= world]
     if not kept:
         raise UsageError(f"--batch-size: expected at least {world} training examples (one per process), got "
                          f"{sum(len(b) for b in batches)}")
     if report and len(kept) < len(batches):
-        left = sum(len(b) for b in batches if len(b) % world)
-        print(f"note: {left} training example(s) in a short last batch left out (its rows do not split evenly over "
-              f"the {world} processes)", file=sys.stderr)
+        left = sum(len(b) for b in batches if len(b) < world)
+        print(f"note: {left} training example(s) in a short last batch left out (fewer rows than the {world} "
+              f"processes)", file=sys.stderr)
     return kept
 
 
@@ -214,7 +214,7 @@ def prune(args: Namespace) -> int:
     eval_batches = task.batches(args.batch_size, "validation")
     if world <= 1:
         return _prune(args, targets, task, train_batches, eval_batches, None, train_batches)
-    dp_batches = divisible_batches(train_batches, world, report=rank == 0)
+    dp_batches = shareable_batches(train_batches, world, report=rank == 0)
     dp = join_processes(args)
     try:
         return _prune(args, targets, task, dp_batches, eval_batches, dp, train_batches)
@@ -225,7 +225,7 @@ def prune(args: Namespace) -> int:
 def _prune(args: Namespace, targets: list[float], task, train_batches, eval_batches, dp, mean_batches) -> int:
     """Load, train per target, evaluate, write; ``dp``: a DataParallel under torchrun, else None.
     ``mean_batches``: every training batch (mean ablation's means), ``train_batches`` may
-    leave out a short last one under torchrun (divisible_batches)."""
+    leave out a short last one under torchrun (shareable_batches)."""
     from .circuit import Circuit, evaluate_circuit
     from .train import NonFiniteLoss, TrainConfig, Trainer
 

@@ -1,7 +1,7 @@
 """Data-parallel edge pruning over processes with torch.distributed (launched by ``torchrun``).
 
 Every process holds the model and the masks, takes its slice of each global batch
-(rows ``rank * B / P ...``, P processes) and, after backward, the mask and Lagrange
+(consecutive rows, B / P each as near as can be, P processes) and, after backward, the mask and Lagrange
 multiplier gradients are averaged with one ``torch.distributed.all_reduce`` (weighted by
 each slice's number of target positions, so that the result is the gradient of the loss
 on the whole global batch: the task loss is a mean over target positions, the sparsity
@@ -92,12 +92,15 @@ class DataParallel:
 
     # -- data ------------------------------------------------------------------------------------
     def rows(self, batch_size: int) -> slice:
-        """This process's rows of a global batch of ``batch_size`` (equal slices)."""
-        if batch_size % self.world_size:
-            raise ValueError(f"batch: expected a global batch size divisible by the {self.world_size} processes, "
-                             f"got {batch_size}")
-        n = batch_size // self.world_size
-        return slice(self.rank * n, (self.rank + 1) * n)
+        """This process's rows of a global batch of ``batch_size``: consecutive slices, as
+        equal as can be (the first B % P processes take one row more). Unequal slices are
+        exact too: the gradients are weighted by each slice's target positions."""
+        if batch_size < self.world_size:
+            raise ValueError(f"batch: expected at least one row per process ({self.world_size}), got a global batch "
+                             f"of {batch_size}")
+        n, extra = divmod(batch_size, self.world_size)
+        start = self.rank * n + min(self.rank, extra)
+        return slice(start, start + n + (self.rank < extra))
 
     def shard(self, batch: TaskBatch) -> TaskBatch:
         """This process's slice of a global TaskBatch (per-row tensors sliced; the candidate

@@ -122,8 +122,8 @@ def launched(monkeypatch):
      "--shard-weights: shards the weights over the processes of a torchrun launch; expected WORLD_SIZE > 1 "
      "(launch with torchrun --nproc_per_node N ...), got WORLD_SIZE=unset"),
     ("shard with one process", 1, ["--shard-weights"], "got WORLD_SIZE=1"),
-    ("batch not divisible", 4, ["--batch-size", "6"],
-     "--batch-size: expected a multiple of the 4 processes (the global batch is split evenly over them), got 6"),
+    ("batch smaller than the processes", 4, ["--batch-size", "3"],
+     "--batch-size: expected at least one example per process (4; the global batch is split over them), got 3"),
     ("device index", 2, ["--device", "cuda:1"] if torch.cuda.is_available() else ["--device", "meta"],
      "--device: under torchrun each process takes the GPU of its LOCAL_RANK; expected cpu or cuda, got"),
     ("bad world size", "two", [], "environment: expected the integers torchrun sets in WORLD_SIZE and RANK"),
@@ -146,7 +146,7 @@ def test_clear_errors_before_anything_is_loaded(case, world, extra, message, fil
 def test_other_ranks_stay_quiet_on_usage_errors(files, tmp_path, capsys, launched):
     launched(1, 2)
     code, stdout, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--batch-size",
-                             "3", "--out", str(tmp_path / "out")], capsys)
+                             "1", "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and stdout == "" and err == ""  # rank 0 reports the same error
 
 
@@ -159,14 +159,18 @@ def test_only_prune_runs_under_torchrun(files, single, capsys, launched):
            "WORLD_SIZE=2" in err
 
 
-def test_short_last_batch_left_out(capsys):
+def test_short_last_batch_kept_unless_smaller_than_the_processes(capsys):
     from edgeprune_fast.tasks.base import TaskBatch
 
     def batch(n):
         return TaskBatch(torch.zeros(n, 3, dtype=torch.long), None, None, torch.ones(n, 3, dtype=torch.bool))
 
-    kept = commands.divisible_batches([batch(4), batch(4), batch(3)], 2, report=True)
+    kept = commands.shareable_batches([batch(4), batch(4), batch(3)], 2, report=True)
+    assert [len(b) for b in kept] == [4, 4, 3]  # 3 rows: 2 + 1
+    assert capsys.readouterr().err == ""
+    kept = commands.shareable_batches([batch(4), batch(4), batch(1)], 2, report=True)
     assert [len(b) for b in kept] == [4, 4]
-    assert "note: 3 training example(s) in a short last batch left out" in capsys.readouterr().err
+    assert "note: 1 training example(s) in a short last batch left out (fewer rows than the 2 processes)" in \
+        capsys.readouterr().err
     with pytest.raises(cli.UsageError, match="--batch-size: expected at least 4 training examples .* got 3"):
-        commands.divisible_batches([batch(3)], 4, report=True)
+        commands.shareable_batches([batch(3)], 4, report=True)

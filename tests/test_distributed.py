@@ -29,12 +29,12 @@ class KLTask(Task):
 def batches() -> list[TaskBatch]:
     g = torch.Generator().manual_seed(7)
     out = []
-    for _ in range(2):
-        target = torch.zeros(B, S, dtype=torch.bool)
+    for rows in (B, B - 1):  # the second splits unevenly over 2 processes (2 + 1 rows)
+        target = torch.zeros(rows, S, dtype=torch.bool)
         target[:, -1] = True
         target[2:, 1:4] = True  # the second half has more target positions: the average must be weighted
-        out.append(TaskBatch(torch.randint(3, VOCAB, (B, S), generator=g), torch.randint(3, VOCAB, (B, S), generator=g),
-                             None, target))
+        out.append(TaskBatch(torch.randint(3, VOCAB, (rows, S), generator=g),
+                             torch.randint(3, VOCAB, (rows, S), generator=g), None, target))
     return out
 
 
@@ -131,8 +131,12 @@ def test_shard_and_bad_input():
     b = batches()[0]
     part = dp.shard(b)
     assert torch.equal(part.input_ids, b.input_ids[2:]) and torch.equal(part.target_mask, b.target_mask[2:])
-    with pytest.raises(ValueError, match="divisible by the 2 processes"):
-        dp.rows(5)
+    # unequal slices: the first B % P processes take one row more
+    assert [DataParallel(r, 3, torch.device("cpu")).rows(8) for r in range(3)] == [slice(0, 3), slice(3, 6),
+                                                                                 slice(6, 8)]
+    assert dp.rows(3) == slice(2, 3)
+    with pytest.raises(ValueError, match=r"at least one row per process \(2\), got a global batch of 1"):
+        dp.rows(1)
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k in os.environ}
     try:
         with pytest.raises(ValueError, match="torchrun"):
