@@ -78,6 +78,7 @@ def make_step(pruned, point: dict, device: str):
     ids = torch.randint(0, V, (B, S), device=device)
     cids = torch.randint(0, V, (B, S), device=device)
     opt = torch.optim.AdamW(pruned.edge_log_alpha_parameters() + pruned.node_log_alpha_parameters(), lr=0.1)
+    cached = point.get("cache_references", True)
 
     def step() -> float:
         full_logits = pruned.reference(ids, states=False)[0]  # indexing, not unpacking: nothing else stays alive
@@ -86,6 +87,8 @@ def make_step(pruned, point: dict, device: str):
         kl = F.kl_div(out.logits.float().log_softmax(-1), full_logits.float().log_softmax(-1), log_target=True,
                       reduction="batchmean")
         loss = kl + out.edge_sparsity + out.node_sparsity
+        if not cached:  # let go before backward, as the Trainer with cache_references=False
+            del corrupted
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -101,7 +104,7 @@ def prediction(cfg, point: dict, device: str):
     backend = backends.choose("edge_mix", [torch.zeros(1, 1, device=device)]).name
     settings = PlanSettings(point["batch"], point["seq"], point["dtype"], 1, point.get("checkpoint_layers", False),
                             point.get("corrupted_on_cpu", False), "reference" if backend == "reference" else "fused",
-                            point.get("device_gb", 80.0))
+                            point.get("device_gb", 80.0), point.get("cache_references", True))
     return plan(ModelShape.from_hf_config(cfg), settings), backend
 
 

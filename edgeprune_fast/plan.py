@@ -4,7 +4,8 @@
 phase that reaches it); ``edgeprune plan ...`` prints it (``add_arguments``/``run``).
 
 One step (the Trainer's, ARCHITECTURE.md §2-3): the cached references (full logits and the
-corrupted writer states), the edge-pruned forward with sampled masks, KL over every
+corrupted writer states; with ``cache_references=False`` the corrupted states are let go
+after the loss, unless checkpointed layers re-read them), the edge-pruned forward with sampled masks, KL over every
 position and the vocabulary, backward, AdamW on the log_alphas. Notation: N = batch*seq
 tokens, D d_model, H heads of size dh, K KV heads, F d_mlp, V vocab, L layers, W = 1 +
 L(H+1) writers (2 + ... with split embeddings), R = H + 2K attention readers, b the model
@@ -158,6 +159,7 @@ class PlanSettings:
     corrupted_on_cpu: bool = False
     backend: str = "fused"  # edge_mix backward: fused (Triton/C++) or reference (plain PyTorch)
     device_gb: float = 80.0
+    cache_references: bool = True  # the Trainer's default: every batch's corrupted states stay alive
 
     def __post_init__(self) -> None:
         for f in ("batch", "seq", "n_gpus"):
@@ -205,7 +207,8 @@ class MemoryPlan:
                  f"{m.n_edges:,} edges",
                  f"batch {s.batch} x seq {s.seq}, {s.dtype}, {s.n_gpus} device(s)"
                  f"{', activation checkpointing' if s.checkpoint_layers else ''}"
-                 f"{', corrupted states on the CPU' if s.corrupted_on_cpu else ''}, {s.backend} edge_mix",
+                 f"{', corrupted states on the CPU' if s.corrupted_on_cpu else ''}"
+                 f"{'' if s.cache_references else ', references not cached'}, {s.backend} edge_mix",
                  f"{'component (at the peak, per device)':<44}{'GB':>10}"]
         last = None
         for k, v in self.components.items():
@@ -250,8 +253,10 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     weights = {"weights.parameters (sharded)" if s.n_gpus > 1 else "weights.parameters": -(-m.params() * b // s.n_gpus)}
     if s.n_gpus > 1:  # FSDP: the gathered current + prefetched layer, and the root (embeddings, lm_head)
         weights["weights.gathered (FSDP)"] = (2 * m.layer_params() + 2 * V * D) * b
-    states = {"writer_states.slot buffer": W * ND * b,
-              "writer_states.corrupted": 0 if s.corrupted_on_cpu else W * ND * b,
+    corrupted = {"writer_states.corrupted": 0 if s.corrupted_on_cpu else W * ND * b}
+    # uncached and not recomputed, the corrupted states are let go once the loss is computed
+    corrupted_in_backward = s.cache_references or s.checkpoint_layers
+    states = {"writer_states.slot buffer": W * ND * b, **(corrupted if corrupted_in_backward else {}),
               "writer_states.corrupted prefix sum": 4 * ND,
               "writer_states.full logits": N * V * b,
               "writer_states.circuit logits": N * V * b}
@@ -272,7 +277,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
 
     # Each candidate phase: (components alive beyond `fixed`), the peak is the largest
     loss = 2 * 4 * N * V
-    candidates = {"forward end": {"activations.layers kept": 0 if ckpt else L * layer,
+    candidates = {"forward end": {**({} if corrupted_in_backward else corrupted),
+                                  "activations.layers kept": 0 if ckpt else L * layer,
                                   "activations.resid_post": 0 if ckpt else final,
                                   "activations.loss (log-probs)": loss,
                                   "activations.loss temporaries": 3 * 4 * N * V}}  # log p, exp(log p), difference
@@ -294,8 +300,10 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
             "activations.mixing backward": R * ND * b + slot_copy + _mix_backward(W_a, R, ND, b, s.backend)}
     phases = {k: fixed + sum(v.values()) for k, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)
-    components = {**weights, **states, **grad_buffer, **masks}
+    components = {**weights, **states, **corrupted, **grad_buffer, **masks}
     components["writer_states.gradient buffer"] = 0
+    if not corrupted_in_backward:
+        components["writer_states.corrupted"] = 0
     components.update(candidates[peak_phase])
     order = ("weights", "writer_states", "activations", "masks_optimizer")
     components = {k: v for g in order for k, v in components.items() if k.startswith(g + ".")}
@@ -321,6 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corrupted-on-cpu", action="store_true", help="keep corrupted writer states in host memory")
     parser.add_argument("--backend", default="fused", choices=BACKENDS, help="edge_mix backend (default: fused)")
     parser.add_argument("--device-gb", type=float, default=80.0, help="device memory in GB (default 80)")
+    parser.add_argument("--no-cache-references", dest="cache_references", action="store_false",
+                        help="plan for TrainConfig(cache_references=False): corrupted states freed before backward")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -338,7 +348,8 @@ def shape_from_args(args: argparse.Namespace) -> ModelShape:
 def run(args: argparse.Namespace) -> int:
     """Print the plan; exit status 0 if it fits, 1 if not."""
     p = plan(shape_from_args(args), PlanSettings(args.batch, args.seq, args.dtype, args.gpus, args.checkpoint_layers,
-                                                 args.corrupted_on_cpu, args.backend, args.device_gb))
+                                                 args.corrupted_on_cpu, args.backend, args.device_gb,
+                                                 args.cache_references))
     print(json.dumps(p.to_dict(), indent=1) if args.json else p.table())
     return 0 if p.fits else 1
 

@@ -47,6 +47,32 @@ def test_prediction_within_15_percent_of_measured_cpu_peak(point):
     assert 0.85 <= row["ratio"] <= 1.15
 
 
+def test_uncached_references_free_the_corrupted_states_before_backward():
+    """TrainConfig(cache_references=False): every backward phase is one corrupted-state tensor
+    lower than cached, so the peak moves (here from the resid_post read's backward to the end
+    of the forward), measured and predicted alike; checkpointed layers re-read the corrupted
+    states, so there nothing changes."""
+    point = {"n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "d_model": 256, "d_mlp": 640, "vocab": 4096,
+             "batch": 4, "seq": 32, "dtype": "float32"}
+    row = _measure({**point, "cache_references": False})
+    print(f"measured {row['measured_bytes'] / 1e6:.1f} MB, predicted {row['predicted_step_bytes'] / 1e6:.1f} MB "
+          f"({row['predicted_phase']}), ratio {row['ratio']:.3f}")
+    assert 0.85 <= row["ratio"] <= 1.15
+    shape = ModelShape(8, 8, 4, 256, 640, 4096)
+    cached, uncached = (plan(shape, PlanSettings(4, 32, "float32", backend="reference", cache_references=c))
+                        for c in (True, False))
+    corrupted = shape.n_writers * 4 * 32 * 256 * 4
+    assert cached.peak_phase == "backward of resid_post" and uncached.peak_phase == "forward end"
+    assert uncached.peak_bytes < cached.peak_bytes
+    assert all(cached.phases[k] - uncached.phases[k] == corrupted for k in cached.phases if k != "forward end")
+    assert cached.phases["forward end"] == uncached.phases["forward end"]
+    assert uncached.components["writer_states.corrupted"] == corrupted  # alive at the forward's end
+    assert "references not cached" in uncached.table() and "not cached" not in cached.table()
+    ckpt = [plan(shape, PlanSettings(4, 32, "float32", checkpoint_layers=True, cache_references=c)).peak_bytes
+            for c in (True, False)]
+    assert ckpt[0] == ckpt[1]
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "ckpt"])
 def test_prediction_for_the_fused_kernels(ckpt):
     """The C++ kernels add the writers' gradient into the slot buffer's (no [n, N, D] temporary)."""
