@@ -1,15 +1,15 @@
 """Data-parallel edge pruning over processes with torch.distributed (launched by ``torchrun``).
 
 Every process holds the model and the masks, takes its slice of each global batch
-(consecutive rows, B / P each as near as can be, P processes) and, after backward, the mask and Lagrange
-multiplier gradients are averaged with one ``torch.distributed.all_reduce`` (weighted by
-each slice's number of target positions, so that the result is the gradient of the loss
-on the whole global batch: the task loss is a mean over target positions, the sparsity
-terms are the same on every process). All processes draw the same hard-concrete noise
-(the trainer's random stream is seeded identically), so P processes take the same steps
-as one process on the global batch, and every process holds the same masks, optimiser
-state and random state: a checkpoint is written once (rank 0) and resumes on any number
-of processes.
+(consecutive rows, B / P each as near as can be, P processes) and, after backward, the
+mask and Lagrange multiplier gradients are averaged with one
+``torch.distributed.all_reduce`` (weighted by each slice's number of target positions, so
+that the result is the gradient of the loss on the whole global batch: the task loss is a
+mean over target positions, the sparsity terms are the same on every process). All
+processes draw the same hard-concrete noise (the trainer's random stream is seeded
+identically), so P processes take the same steps as one process on the global batch, and
+every process holds the same masks, optimiser state and random state: a checkpoint is
+written once (rank 0) and resumes on any number of processes.
 
 The frozen HF weights are replicated on every process, or sharded with FSDP2 after
 ``dp.shard_weights(model)`` (``torch.distributed.fsdp.fully_shard`` on every decoder layer

@@ -3,14 +3,15 @@
 ``plan(shape, settings)`` -> :class:`MemoryPlan` (bytes per component, the peak and the
 phase that reaches it); ``edgeprune plan ...`` prints it (``add_arguments``/``run``).
 
-One step (the Trainer's, ARCHITECTURE.md §2-3): the cached references (full logits and the
-corrupted writer states; with ``cache_references=False`` the corrupted states are let go
-after the loss, unless checkpointed layers re-read them), the edge-pruned forward with sampled masks, KL over every
-position and the vocabulary, backward, AdamW on the log_alphas. Notation: N = batch*seq
-tokens, D d_model, H heads of size dh, K KV heads, F d_mlp, V vocab, L layers, W = 1 +
-L(H+1) writers (2 + ... with split embeddings), R = H + 2K attention readers, b the model
-dtype's bytes, 4 for float32. The terms follow how model.py, writers.py and ops/ allocate
-(checked against a saved-tensor audit of tests/models/_tiny-like Llama models):
+One step (the Trainer's, ARCHITECTURE.md §2-3): the cached references (full logits and
+the corrupted writer states; with ``cache_references=False`` the corrupted states are let
+go after the loss, unless checkpointed layers re-read them), the edge-pruned forward with
+sampled masks, KL over every position and the vocabulary, backward, AdamW on the
+log_alphas. Notation: N = batch*seq tokens, D d_model, H heads of size dh, K KV heads, F
+d_mlp, V vocab, L layers, W = 1 + L(H+1) writers (2 + ... with split embeddings), R = H +
+2K attention readers, b the model dtype's bytes, 4 for float32. The terms follow how
+model.py, writers.py and ops/ allocate (checked against a saved-tensor audit of
+tests/models/_tiny-like Llama models):
 
   weights          every parameter, b bytes (sharded: / n_gpus, plus the unsharded working
                    set FSDP gathers: two decoder layers and the root's embedding/unembedding,
