@@ -254,10 +254,12 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     weights = {"weights.parameters (sharded)" if s.n_gpus > 1 else "weights.parameters": -(-m.params() * b // s.n_gpus)}
     if s.n_gpus > 1:  # FSDP: the gathered current + prefetched layer, and the root (embeddings, lm_head)
         weights["weights.gathered (FSDP)"] = (2 * m.layer_params() + 2 * V * D) * b
-    corrupted = {"writer_states.corrupted": 0 if s.corrupted_on_cpu else W * ND * b}
-    # uncached and not recomputed, the corrupted states are let go once the loss is computed
+    corrupted = 0 if s.corrupted_on_cpu else W * ND * b
+    # uncached and not recomputed, the corrupted states are let go once the loss is computed:
+    # then only the forward's end counts them
     corrupted_in_backward = s.cache_references or s.checkpoint_layers
-    states = {"writer_states.slot buffer": W * ND * b, **(corrupted if corrupted_in_backward else {}),
+    states = {"writer_states.slot buffer": W * ND * b,
+              "writer_states.corrupted": corrupted if corrupted_in_backward else 0,
               "writer_states.corrupted prefix sum": 4 * ND,
               "writer_states.full logits": N * V * b,
               "writer_states.circuit logits": N * V * b}
@@ -278,7 +280,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
 
     # Each candidate phase: (components alive beyond `fixed`), the peak is the largest
     loss = 2 * 4 * N * V
-    candidates = {"forward end": {**({} if corrupted_in_backward else corrupted),
+    forward_only = {} if corrupted_in_backward else {"writer_states.corrupted": corrupted}
+    candidates = {"forward end": {**forward_only,
                                   "activations.layers kept": 0 if ckpt else L * layer,
                                   "activations.resid_post": 0 if ckpt else final,
                                   "activations.loss (log-probs)": loss,
@@ -301,10 +304,8 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
             "activations.mixing backward": R * ND * b + slot_copy + _mix_backward(W_a, R, ND, b, s.backend)}
     phases = {k: fixed + sum(v.values()) for k, v in candidates.items()}
     peak_phase = max(phases, key=phases.get)
-    components = {**weights, **states, **corrupted, **grad_buffer, **masks}
+    components = {**weights, **states, **grad_buffer, **masks}
     components["writer_states.gradient buffer"] = 0
-    if not corrupted_in_backward:
-        components["writer_states.corrupted"] = 0
     components.update(candidates[peak_phase])
     order = ("weights", "writer_states", "activations", "masks_optimizer")
     components = {k: v for g in order for k, v in components.items() if k.startswith(g + ".")}

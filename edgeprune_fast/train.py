@@ -323,8 +323,8 @@ class Trainer:
                 row.update(kl=kl_all, loss=row["loss"] - row["kl"] + kl_all, kl_this_process=row["kl"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.data_parallel is not None:
-                self.data_parallel.all_reduce_gradients(
+            if dp is not None:
+                dp.all_reduce_gradients(
                     [p for g in self.optimizer.param_groups for p in g["params"]], batch.target_mask.sum())
             self.optimizer_step()
             rng = self._capture_rng()
