@@ -1,7 +1,7 @@
 """EdgePrunedModel: an HF causal LM whose every reader reads a masked mix of its upstream writers.
 
 Wraps an already loaded model and reuses its modules and weights (frozen); see graph.py
-for names, adapters.py for the supported architectures, writers.py for the slot buffer and
+for names, models/ for the supported architectures (one module per family), writers.py for the slot buffer and
 the reference capture, masks.py for the mask parameters. One forward (ARCHITECTURE.md §2):
 
     slots[0:E]   = embedding writers                                     [E, B, S, D]
@@ -58,9 +58,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapters import Adapter, adapter_for
 from .graph import Edge, Graph, GraphConfig
 from .masks import EdgeMasks
+from .models import Adapter, adapter_for
 from .ops import edge_mix, hard_concrete, mix
 from .ops.hard_concrete import draw_seed
 from .ops.params import HardConcreteParams

@@ -121,7 +121,7 @@ class ModelShape:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .adapters import graph_config_from_hf
+        from .models import graph_config_from_hf
 
         g = graph_config_from_hf(config, split_embeds=split_embeds)  # ValueError/NotImplementedError if unsupported
         with torch.device("meta"):

@@ -10,7 +10,7 @@ itself: gathering and freeing are FSDP's ``FSDPModule.unshard()`` / ``reshard()`
 Why the forward needs hook points. FSDP gathers a unit's parameters in hooks around that
 unit's ``forward``, and the edge-pruned forward (model.py) never calls a decoder layer's or
 the root's forward: it calls their norms and MLPs as submodules and reads per-head *views*
-of W_Q, W_K, W_V, W_O (adapters.py). So model.py gathers each unit around its own work:
+of W_Q, W_K, W_V, W_O (models/). So model.py gathers each unit around its own work:
 
     forward   enter(unit, x):  unit.unshard(); the layer (or embedding / final read + unembed)
               leave(unit, y):  unit.reshard()
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .adapters import Adapter
+from .models import Adapter
 
 
 class ShardedWeights:

@@ -53,8 +53,8 @@ from contextlib import contextmanager
 
 import torch
 
-from .adapters import Adapter
 from .graph import Graph
+from .models import Adapter
 
 
 class WriterStore:

@@ -44,8 +44,17 @@ def test_bad_inputs_are_clear_errors(gpt2):
 
 def test_unsupported_models():
     with pytest.raises(NotImplementedError, match="Linear is not supported; supported architectures: "
-                                                  "GPT2LMHeadModel, LlamaForCausalLM, GPTNeoXForCausalLM, Qwen2ForCausalLM"):
+                                                  "GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM "
+                                                  r"\(and tracr exports"):
         EdgePrunedModel.from_hf(torch.nn.Linear(2, 2))
+    from transformers import OPTConfig, OPTForCausalLM
+
+    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=8,
+                                   word_embed_proj_dim=8, vocab_size=10, max_position_embeddings=8))
+    with pytest.raises(NotImplementedError, match=r"OPTForCausalLM is not supported; supported architectures: "
+                                                  r"GPT2LMHeadModel, .*Qwen2ForCausalLM$") as err:
+        EdgePrunedModel.from_hf(opt)
+    assert "racr" not in str(err.value)  # an HF model is not offered the tracr loader
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8, reorder_and_upcast_attn=True)
     with pytest.raises(NotImplementedError, match="reorder_and_upcast_attn"):
         EdgePrunedModel.from_hf(GPT2LMHeadModel(cfg))

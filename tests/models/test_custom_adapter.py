@@ -7,14 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeprune_fast.adapters import ADAPTERS, adapter_for
 from edgeprune_fast.model import EdgePrunedModel
-from edgeprune_fast.tracr import TRACR_DATA_DIR, load_examples, load_ground_truth, load_tracr, tracr_adapter
+from edgeprune_fast.models import adapter_for, families, supported_hf_architectures
+from edgeprune_fast.models.tracr import tracr_adapter
+from edgeprune_fast.tracr import TRACR_DATA_DIR, load_examples, load_ground_truth, load_tracr
 
 
 def test_tracr_adapter_is_registered():
     model = load_tracr(TRACR_DATA_DIR, "reverse")
-    assert "TracrTransformer" in ADAPTERS
+    assert families()["tracr"].classes == ("TracrTransformer",)
+    assert "TracrTransformer" not in supported_hf_architectures()  # not offered for HF folders
     a = adapter_for(model)
     assert a.architecture == "TracrTransformer" and not a.causal and a.reference_fn is not None
     assert a.layers[2].W_Q.data_ptr() == model.blocks[2].attn.W_Q.data_ptr()  # views, not copies

@@ -7,7 +7,7 @@ import pytest
 import torch
 from _tiny import ARCHS, tiny_model
 
-from edgeprune_fast.adapters import adapter_for
+from edgeprune_fast.models import adapter_for
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
-from edgeprune_fast.adapters import graph_config_from_hf
 from edgeprune_fast.graph import Edge, Graph, n_edges_closed_form
+from edgeprune_fast.models import graph_config_from_hf
 
 
 def test_gpt2_small_counts():
