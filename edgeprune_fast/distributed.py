@@ -53,8 +53,7 @@ import torch
 import torch.distributed as dist
 
 from .tasks.base import TaskBatch
-
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from .torchrun import TORCHRUN_VARS
 
 
 @dataclasses.dataclass

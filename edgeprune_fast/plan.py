@@ -313,7 +313,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     return MemoryPlan(m, s, components, phases[peak_phase], peak_phase, phases, host)
 
 
-# ---- command line (wired as `edgeprune plan` by cli.py) ---------------------------------------
+# ---- command line (wired as `edgeprune plan` by commands/plan.py) ---------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``edgeprune plan``: a model (HF directory / config.json, or shape
     arguments), batch, seq, dtype, number of GPUs and the options."""

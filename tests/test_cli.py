@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune_fast import cli, commands
+from edgeprune_fast import cli, staging
 from edgeprune_fast.circuit import Circuit
+from edgeprune_fast.commands import prune as prune_command
+from edgeprune_fast.errors import UsageError
 from edgeprune_fast.formats import load_circuit
 from tests.tasks._task_tokenizer import save_tiny_model
 
@@ -172,7 +174,7 @@ def test_nothing_half_written_on_failure(files, tmp_path, capsys, monkeypatch):
         (folder / "circuit.json").write_text("{}")
         raise ValueError("picture: simulated failure after a partial write")
 
-    monkeypatch.setattr(commands, "_write_circuit_files", write_then_fail)
+    monkeypatch.setattr(prune_command, "write_circuit_files", write_then_fail)
     code, _, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--steps", "2",
                         "--quiet", "--out", str(out)], capsys)
     assert code == 2 and "simulated failure" in err
@@ -183,14 +185,14 @@ def test_out_folder_rules(tmp_path, capsys):
     full = tmp_path / "full"
     full.mkdir()
     (full / "notes.txt").write_text("mine")
-    with pytest.raises(cli.UsageError, match="has files in it"):
-        cli.check_out_folder(full)
-    with pytest.raises(cli.UsageError, match="has files in it"):  # not an earlier run's folder: never replaced
-        cli.check_out_folder(full, replace_previous=True)
+    with pytest.raises(UsageError, match="has files in it"):
+        staging.check_out_folder(full)
+    with pytest.raises(UsageError, match="has files in it"):  # not an earlier run's folder: never replaced
+        staging.check_out_folder(full, replace_previous=True)
     prev = tmp_path / "prev"
     prev.mkdir()
     (prev / "circuit.json").write_text("{}")
-    with cli.staged_output(prev, replace_previous=True) as stage:
+    with staging.staged_output(prev, replace_previous=True) as stage:
         (stage / "summary.json").write_text("{}")
         assert (prev / "circuit.json").exists()  # the old run stays until the new one is complete
     assert sorted(p.name for p in prev.iterdir()) == ["summary.json"]
@@ -201,9 +203,9 @@ def test_staged_outputs_get_the_modes_of_plain_mkdir_and_open(tmp_path):
     # the temporary stage's private modes (0700, 0600) must not stick to the results
     old = os.umask(0o022)
     try:
-        with cli.staged_output(tmp_path / "run") as stage:
+        with staging.staged_output(tmp_path / "run") as stage:
             (stage / "circuit.json").write_text("{}")
-        with cli.staged_file(tmp_path / "masks.safetensors") as tmp:
+        with staging.staged_file(tmp_path / "masks.safetensors") as tmp:
             tmp.write_bytes(b"x")
     finally:
         os.umask(old)

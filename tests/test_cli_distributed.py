@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgeprune_fast import cli, commands
+from edgeprune_fast import cli
 from edgeprune_fast.circuit import Circuit
+from edgeprune_fast.commands import prune as prune_command
+from edgeprune_fast.errors import UsageError
 from tests.tasks._task_tokenizer import save_tiny_model
 from tests.test_cli import LINES, ROOT, run
 
@@ -134,7 +136,7 @@ def test_clear_errors_before_anything_is_loaded(case, world, extra, message, fil
         launched(0, 2)
         monkeypatch.setenv("WORLD_SIZE", str(world))
     out = tmp_path / "out"
-    monkeypatch.setattr(commands, "load_tokenizer", lambda path: pytest.fail("loaded the tokenizer"))
+    monkeypatch.setattr(prune_command, "load_tokenizer", lambda path: pytest.fail("loaded the tokenizer"))
     code, stdout, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--steps", "2",
                              "--quiet", *extra, "--out", str(out)], capsys)
     assert code == 2
@@ -165,12 +167,12 @@ def test_short_last_batch_kept_unless_smaller_than_the_processes(capsys):
     def batch(n):
         return TaskBatch(torch.zeros(n, 3, dtype=torch.long), None, None, torch.ones(n, 3, dtype=torch.bool))
 
-    kept = commands.shareable_batches([batch(4), batch(4), batch(3)], 2, report=True)
+    kept = prune_command.shareable_batches([batch(4), batch(4), batch(3)], 2, report=True)
     assert [len(b) for b in kept] == [4, 4, 3]  # 3 rows: 2 + 1
     assert capsys.readouterr().err == ""
-    kept = commands.shareable_batches([batch(4), batch(4), batch(1)], 2, report=True)
+    kept = prune_command.shareable_batches([batch(4), batch(4), batch(1)], 2, report=True)
     assert [len(b) for b in kept] == [4, 4]
     assert "note: 1 training example(s) in a short last batch left out (fewer rows than the 2 processes)" in \
         capsys.readouterr().err
-    with pytest.raises(cli.UsageError, match="--batch-size: expected at least 4 training examples .* got 3"):
-        commands.shareable_batches([batch(3)], 4, report=True)
+    with pytest.raises(UsageError, match="--batch-size: expected at least 4 training examples .* got 3"):
+        prune_command.shareable_batches([batch(3)], 4, report=True)
