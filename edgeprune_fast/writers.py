@@ -8,6 +8,11 @@ them, never a copy. Two autograd Functions make this differentiable:
     token' = WriteSlots(token, y [k, B, S, D], slot)   buffer[slot:slot+k] = y - corrupt[slot:slot+k]
     view   = ReadSlots(token, n)                        buffer[:n]
 
+The buffer and its gradient live in a :class:`Slots` object, the only thing the autograd
+graph keeps (never the store, which holds the token chain: that would be a reference cycle
+through autograd's C++ nodes, invisible to Python's collector, and every step's buffers
+would stay alive; tests/test_memory_flat.py counts them).
+
 With corrupted states (corrupted or mean ablation) a slot holds the writer's output minus
 its corrupted state, and ``corrupted_sum(n)`` gives sum_{w<n} corrupt[w] (float32, kept as a
 running sum added slot by slot, restarted when a checkpointed layer is recomputed, with the
@@ -57,18 +62,59 @@ from .graph import Graph
 from .models import Adapter
 
 
+class Slots:
+    """The slot buffer [W, B, S, D] and its gradient G: all that the autograd graph of one
+    forward keeps (in WriteSlots/ReadSlots contexts and grad_into callables).
+
+    It holds no token and no store, on purpose: autograd's nodes live in C++, where Python's
+    cycle collector cannot see them, so a cycle store -> token -> grad_fn -> ctx -> store
+    would keep every forward's buffers alive for good (a per-step leak). Freed with the
+    last of the graph and the store that reference it."""
+
+    def __init__(self, n_writers: int, shape: tuple[int, int, int], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.data = torch.empty(n_writers, *shape, dtype=dtype, device=device)
+        self.grad: torch.Tensor | None = None  # G, see the module docstring
+
+    def gradient(self) -> torch.Tensor:
+        """G, allocated zeroed on first use (in backward) unless a full read's gradient was adopted."""
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.data)
+        return self.grad
+
+    def adopt_or_add(self, g: torch.Tensor, n: int) -> None:
+        """G[:n] += g, where g is a read's gradient; the first one, covering every slot,
+        becomes G itself (see the module docstring)."""
+        if self.grad is None and g.shape == self.data.shape and g.dtype == self.data.dtype and g.is_contiguous():
+            self.grad = g
+        else:
+            self.gradient()[:n] += g
+
+    def grad_view(self, n: int, full: bool) -> torch.Tensor | None:
+        """G[:n] for a read's grad_into when backward runs; None for a full read while G
+        does not exist yet (its gradient then comes through autograd and becomes G)."""
+        return None if full and self.grad is None else self.gradient()[:n]
+
+
 class WriterStore:
     """Slots [W, B, S, D] of one forward; ``write`` in residual order, ``read`` prefixes."""
 
     def __init__(self, n_writers: int, shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device,
                  track_grad: bool, corrupt: torch.Tensor | None = None) -> None:
-        self.buffer = torch.empty(n_writers, *shape, dtype=dtype, device=device)
-        self.grad: torch.Tensor | None = None  # G, see the module docstring
+        self.slots = Slots(n_writers, shape, dtype, device)
         self.token = torch.empty(0, dtype=dtype, device=device, requires_grad=track_grad)
         self.n_written = 0
         self.corrupt = corrupt  # [W, B, S, D] in the model dtype, on the device or in host memory; or None
         self._sum: torch.Tensor | None = None  # corrupted_sum(self._sum_n)
         self._sum_n = 0
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.slots.data
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return self.slots.grad
 
     def corrupted(self, start: int, stop: int) -> torch.Tensor:
         """corrupt[start:stop] on the buffer's device (copied from host memory if kept there)."""
@@ -93,7 +139,12 @@ class WriterStore:
         slot, k = self.n_written, y.shape[0]
         if slot + k > self.buffer.shape[0] or y.shape[1:] != self.buffer.shape[1:]:
             raise RuntimeError(f"WriterStore: cannot write {tuple(y.shape)} at slot {slot} of {tuple(self.buffer.shape)}")
-        self.token = WriteSlots.apply(self.token, y, self, slot)
+        into = self.buffer.data[slot:slot + k]  # no version bump: views of earlier slots saved for backward stay valid
+        if self.corrupt is None:
+            into.copy_(y.detach())
+        else:
+            torch.sub(y.detach(), self.corrupted(slot, slot + k), out=into)
+        self.token = WriteSlots.apply(self.token, y, self.slots, slot)
         self.n_written = slot + k
 
     def resume(self, token: torch.Tensor, n_written: int) -> None:
@@ -107,69 +158,51 @@ class WriterStore:
         no reference of its own frees them before backward."""
         self.corrupt, self._sum, self._sum_n = None, None, 0
 
-    def gradient(self) -> torch.Tensor:
-        """G, allocated zeroed on first use (in backward) unless a full read's gradient was adopted."""
-        if self.grad is None:
-            self.grad = torch.zeros_like(self.buffer)
-        return self.grad
-
-    def adopt_or_add(self, g: torch.Tensor, n: int) -> None:
-        """G[:n] += g, where g is a read's gradient; the first one, covering every slot,
-        becomes G itself (see the module docstring)."""
-        if self.grad is None and g.shape == self.buffer.shape and g.dtype == self.buffer.dtype \
-                and g.is_contiguous():
-            self.grad = g
-        else:
-            self.gradient()[:n] += g
-
     def grad_into(self, n: int):
         """For edge_mix's ``grad_into`` on a read of n slots: a function giving G[:n] when
         backward runs, or None there when G does not exist yet and the read covers every slot
-        (its gradient then comes through autograd and becomes G); None without autograd."""
+        (its gradient then comes through autograd and becomes G); None without autograd.
+        The function holds the slots, never the store (see Slots)."""
         if not self.token.requires_grad:
             return None
-        full = n == self.buffer.shape[0]
-        return lambda: None if full and self.grad is None else self.gradient()[:n]
+        slots, full = self.slots, n == self.buffer.shape[0]
+        return lambda: slots.grad_view(n, full)
 
     def read(self, n: int) -> torch.Tensor:
         """The view buffer[:n] of the first n writers (all already written)."""
         if n > self.n_written:
             raise RuntimeError(f"WriterStore: read of {n} slots but only {self.n_written} are written")
-        return ReadSlots.apply(self.token, self, n)
+        return ReadSlots.apply(self.token, self.slots, n)
 
 
 class WriteSlots(torch.autograd.Function):
+    """token' = WriteSlots(token, y, slots, slot): orders backward after every read of the
+    slots written (their values were stored by WriterStore.write); y's gradient is G[slot:slot+k]."""
+
     @staticmethod
-    def forward(ctx, token, y, store: WriterStore, slot: int):
-        # Through .data: no version bump, so views of earlier slots saved for backward stay valid
-        slots = store.buffer.data[slot:slot + y.shape[0]]
-        if store.corrupt is None:
-            slots.copy_(y)
-        else:
-            torch.sub(y, store.corrupted(slot, slot + y.shape[0]), out=slots)
-        ctx.store, ctx.slot, ctx.k = store, slot, y.shape[0]
+    def forward(ctx, token, y, slots: Slots, slot: int):
+        ctx.slots, ctx.slot, ctx.k = slots, slot, y.shape[0]
         return token.new_empty(0)
 
     @staticmethod
     def backward(ctx, g_token):
-        G = ctx.store.grad
+        G = ctx.slots.grad
         g_y = None if G is None or not ctx.needs_input_grad[1] else G[ctx.slot:ctx.slot + ctx.k]
         return g_token, g_y, None, None
 
 
 class ReadSlots(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, token, store: WriterStore, n: int):
+    def forward(ctx, token, slots: Slots, n: int):
         ctx.set_materialize_grads(False)  # None when the reader added into G itself (grad_into)
-        ctx.store, ctx.n = store, n
+        ctx.slots, ctx.n = slots, n
         ctx.token_like = (token.dtype, token.device)
-        return store.buffer[:n].detach()  # an alias of the slots, not a copy
+        return slots.data[:n].detach()  # an alias of the slots, not a copy
 
     @staticmethod
     def backward(ctx, g):
-        store, n = ctx.store, ctx.n
         if g is not None:
-            store.adopt_or_add(g, n)
+            ctx.slots.adopt_or_add(g, ctx.n)
         dtype, device = ctx.token_like
         return torch.empty(0, dtype=dtype, device=device), None, None
 
