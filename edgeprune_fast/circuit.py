@@ -1,23 +1,25 @@
 """From learned masks to a binary circuit: exact-count discretisation, evaluation, JSON files.
 
-Discretisation (ARCHITECTURE.md §2). Inputs, in graph order (``Graph.edges()``):
+Discretisation (ARCHITECTURE.md §2). Every edge gets one *effective score* (EdgeMasks.
+effective_scores, graph order): min(its log_alpha, its writer's node log_alpha) (its
+log_alpha without node masks). The deterministic masks multiply, z_det(edge) * z_det(node),
+and z_det is monotone in log_alpha, so an edge's effective mask is non-zero exactly when
+its effective score is above log(-l/r). Two rules, both a prefix of the ranking by that
+score (so a scores file written from it puts the circuit first):
 
-    edge_scores   [E] float   every edge's log_alpha (EdgeMasks.edge_scores())
-    node_scores   [W] float   every writer's log_alpha, or None without node masks
-    writer_index  [E] int64   the writer slot of every edge (EdgeMasks.writer_index())
-
-A writer is *kept* when its node log_alpha is above ``node_threshold`` (default 0: the
-deterministic node mask is above 1/2); an edge is a *candidate* only when its writer is
-kept. The target sparsity s gives the number of kept edges k = round((1 - s) * E)
-(clamped to [0, E]: targets in [1, 2) keep none). The threshold t is the k-th largest
-candidate score: the candidate scores are sorted once, t is read at its rank, and a binary
-search on the sorted scores (``torch.searchsorted``) counts the candidates strictly above
-it. This is where a binary search on the threshold converges, found exactly: t is always
-one of the scores, whereas a bisection on floats can stop between tied or close scores
-and miss the count. Edges strictly above t are kept, and the ties at t are filled in graph
-order (earlier edge first) until exactly k are kept, so the count is always exact and the
-result deterministic. Fewer than k candidates is an error (the node masks removed too
-much), never a silently smaller circuit.
+    exact count      the target sparsity s gives k = round((1 - s) * E) edges (clamped to
+                     [0, E]); the threshold t is the k-th largest score: the scores are sorted
+                     once, t is read at its rank, and a binary search on the sorted scores
+                     (``torch.searchsorted``) counts the edges strictly above it. This is where a
+                     binary search on the threshold converges, found exactly: t is always one
+                     of the scores, whereas a bisection on floats can stop between tied or close
+                     scores and miss the count. Edges strictly above t are kept, and the ties
+                     at t are filled in graph order (earlier edge first) until exactly k are
+                     kept, so the count is always exact and the result deterministic, whatever
+                     the node masks did (a circuit of the target's size always exists).
+    non-zero masks   the edges whose effective mask is non-zero (score > log(-l/r)): the masks
+                     decide the size. Targets s >= 1 (the original's tracr runs train with
+                     1.02 to keep pushing) keep no edge by count, so they take this rule.
 
 Evaluation: the circuit is set on the model (every mask exactly 0 or 1, node masks
 ignored) and compared with the full model (the plain HF forward) and the empty circuit
@@ -53,6 +55,7 @@ import torch
 from .graph import Edge, Graph, GraphConfig
 
 FORMAT = "edgeprune_fast.circuit"
+EFFECTIVE_SCORE = "min(edge log_alpha, writer node log_alpha)"
 
 
 # -- discretisation ------------------------------------------------------------------------------
@@ -65,59 +68,42 @@ def kept_count(target_sparsity: float, n_edges: int) -> int:
 
 @dataclass(frozen=True)
 class Discretisation:
-    """keep [E] bool (graph order); threshold: the edge score t; ties_kept / ties_dropped: edges
-    with score exactly t that were kept / left out (graph order decides); n_candidates: edges
-    whose writer is kept."""
+    """keep [E] bool (graph order); threshold: the score t; ties_kept / ties_dropped: edges
+    with score exactly t that were kept / left out (graph order decides)."""
 
     keep: torch.Tensor
     threshold: float
     ties_kept: int
     ties_dropped: int
-    n_candidates: int
-    node_threshold: float
 
     @property
     def n_kept(self) -> int:
         return int(self.keep.sum())
 
 
-def discretise(edge_scores: torch.Tensor, n_keep: int, *, node_scores: torch.Tensor | None = None,
-               writer_index: torch.Tensor | None = None, node_threshold: float = 0.0) -> Discretisation:
-    """Keep exactly ``n_keep`` edges: the highest-scoring edges whose writer is kept (see the
-    module docstring); ties at the threshold are broken by graph order."""
-    if not isinstance(edge_scores, torch.Tensor) or edge_scores.dim() != 1:
-        raise ValueError(f"edge_scores: expected a 1-d tensor [n_edges], got {edge_scores!r:.80}")
-    E = edge_scores.numel()
+def discretise(scores: torch.Tensor, n_keep: int) -> Discretisation:
+    """Keep exactly ``n_keep`` edges: the highest scores, ties at the threshold broken by
+    graph order (see the module docstring)."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        raise ValueError(f"scores: expected a 1-d tensor [n_edges], got {scores!r:.80}")
+    E = scores.numel()
     if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 0 <= n_keep <= E:
         raise ValueError(f"n_keep: expected an int in [0, {E}], got {n_keep!r}")
-    scores = edge_scores.detach().float().cpu()
+    scores = scores.detach().float().cpu()
     if not bool(torch.isfinite(scores).all()):
-        raise ValueError("edge_scores: expected finite scores, got NaN or inf (did training diverge?)")
-    candidate = torch.ones(E, dtype=torch.bool)
-    if node_scores is not None:
-        if writer_index is None or tuple(writer_index.shape) != (E,):
-            raise ValueError(f"writer_index: expected an int tensor [{E}] (the writer slot of every edge) with "
-                             f"node_scores, got {writer_index!r:.80}")
-        node_keep = node_scores.detach().float().cpu() > node_threshold
-        candidate = node_keep[writer_index.cpu().long()]
-    n_cand = int(candidate.sum())
-    if n_cand < n_keep:
-        raise ValueError(f"sparsity: the target keeps {n_keep} edges but only {n_cand} edges have a kept writer "
-                         f"(node log_alpha > node_threshold={node_threshold}); expected a target sparsity of at least "
-                         f"{1 - n_cand / max(E, 1):.6f} or a lower node_threshold")
+        raise ValueError("scores: expected finite scores, got NaN or inf (did training diverge?)")
     keep = torch.zeros(E, dtype=torch.bool)
     if n_keep == 0:
-        return Discretisation(keep, math.inf, 0, 0, n_cand, node_threshold)
-    cand_idx = candidate.nonzero().squeeze(1)
-    ascending = scores[cand_idx].sort().values
-    # binary search: t = the n_keep-th largest candidate score; count(score > t) <= n_keep - 1
-    t = ascending[n_cand - n_keep]
-    n_above = n_cand - int(torch.searchsorted(ascending, t, right=True))
-    keep[cand_idx[scores[cand_idx] > t]] = True
-    ties = cand_idx[scores[cand_idx] == t]  # graph order (nonzero is sorted)
+        return Discretisation(keep, math.inf, 0, 0)
+    ascending = scores.sort().values
+    # binary search: t = the n_keep-th largest score; count(score > t) <= n_keep - 1
+    t = ascending[E - n_keep]
+    n_above = E - int(torch.searchsorted(ascending, t, right=True))
+    keep[scores > t] = True
+    ties = (scores == t).nonzero().squeeze(1)  # graph order (nonzero is sorted)
     n_ties = n_keep - n_above
     keep[ties[:n_ties]] = True
-    return Discretisation(keep, float(t), n_ties, len(ties) - n_ties, n_cand, node_threshold)
+    return Discretisation(keep, float(t), n_ties, len(ties) - n_ties)
 
 
 # -- the circuit value -----------------------------------------------------------------------------
@@ -196,34 +182,31 @@ class Circuit:
                    json.loads(graph.signature()))
 
     @classmethod
-    def from_masks(cls, masks, sparsity: float | None, *, node_threshold: float | None = None,
-                   config=None) -> Circuit:
-        """Discretise an EdgeMasks (or an EdgePrunedModel's masks) at the target ``sparsity``:
-        exactly round((1 - sparsity) * n_edges) edges whose writer's node log_alpha is above
-        ``node_threshold`` (default 0; see the module docstring). ``sparsity=None``: let the
-        masks decide: the edges whose deterministic mask and writer's node mask are non-zero
-        (log_alpha above log(-l/r); node_threshold defaults to that too)."""
+    def from_masks(cls, masks, sparsity: float | None, *, config=None) -> Circuit:
+        """Discretise an EdgeMasks (or an EdgePrunedModel's masks) by the effective scores
+        (see the module docstring): at a target ``sparsity`` in [0, 1) exactly
+        round((1 - sparsity) * n_edges) edges; ``sparsity=None`` or a target >= 1: the edges
+        whose effective deterministic mask is non-zero. ``config["discretisation"]`` says
+        which rule made the circuit."""
         masks = getattr(masks, "masks", masks)
         graph: Graph = masks.graph
-        scores, nodes, writer = masks.edge_scores(), masks.node_scores(), masks.writer_index()
-        if sparsity is None:
-            cut = float(masks.params.log_ratio)
-            node_threshold = cut if node_threshold is None else node_threshold
-            alive = scores > cut
-            if nodes is not None:
-                alive &= (nodes > node_threshold)[writer]
-            k = int(alive.sum())
+        scores = masks.effective_scores()
+        cut = float(masks.params.log_ratio)
+        if sparsity is not None:
+            kept_count(sparsity, graph.n_edges)  # ValueError outside [0, 2)
+        if sparsity is None or sparsity >= 1:
+            rule = "non-zero masks" if sparsity is None else "non-zero masks (target >= 1)"
+            k = int((scores > cut).sum())
         else:
-            node_threshold = 0.0 if node_threshold is None else node_threshold
-            k = kept_count(sparsity, graph.n_edges)
-        d = discretise(scores, k, node_scores=nodes, writer_index=writer, node_threshold=node_threshold)
+            rule, k = "exact count", kept_count(sparsity, graph.n_edges)
+        d = discretise(scores, k)
         all_edges = graph.edges()
         es = [all_edges[i] for i in d.keep.nonzero().squeeze(1).tolist()]
         cfg = dict(config or {})
-        cfg["discretisation"] = {"rule": "masks (z_det > 0)" if sparsity is None else "exact count",
-                                 "target_sparsity": sparsity, "n_keep": k, "threshold": d.threshold,
-                                 "ties_kept": d.ties_kept, "ties_dropped": d.ties_dropped,
-                                 "node_threshold": node_threshold, "n_candidates": d.n_candidates}
+        cfg["discretisation"] = {"rule": rule, "score": EFFECTIVE_SCORE, "target_sparsity": sparsity, "n_keep": k,
+                                 "threshold": d.threshold, "ties_kept": d.ties_kept, "ties_dropped": d.ties_dropped,
+                                 "nonzero_mask_above": cut,
+                                 "n_nonzero_masks": int((scores > cut).sum())}
         return cls(tuple((e.writer, e.reader) for e in es), circuit_nodes(graph, es), graph.n_edges,
                    1.0 - len(es) / graph.n_edges, {}, cfg, json.loads(graph.signature()))
 

@@ -93,9 +93,20 @@ class EdgeMasks(nn.Module):
     def edge_scores(self) -> torch.Tensor:
         """log_alpha of every edge in graph order [n_edges] (float32, detached). Deterministic
         and strictly monotone in both the deterministic mask and P(z != 0), without the ties
-        of the clamped mask; threshold it to discretise (combine with ``node_scores`` via
-        ``writer_index`` to drop edges of removed nodes)."""
+        of the clamped mask (``effective_scores`` combines it with the node masks)."""
         return torch.cat([la.detach().flatten() for la in self.edge_log_alpha])
+
+    @torch.no_grad()
+    def effective_scores(self) -> torch.Tensor:
+        """Per edge in graph order [n_edges]: min(edge log_alpha, its writer's node log_alpha)
+        (the edge's log_alpha without node masks). z_det is monotone in log_alpha and the
+        deterministic masks multiply, so the edge's effective mask z_det(edge) * z_det(node)
+        is non-zero iff this is above log(-l/r); circuits are prefixes of its ranking
+        (circuit.py)."""
+        scores = self.edge_scores()
+        if self.node_log_alpha is None:
+            return scores
+        return torch.minimum(scores, self.node_log_alpha.detach()[self.writer_index().to(scores.device)])
 
     @torch.no_grad()
     def node_scores(self) -> torch.Tensor | None:

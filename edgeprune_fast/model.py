@@ -252,6 +252,10 @@ class EdgePrunedModel(nn.Module):
     def node_scores(self) -> torch.Tensor | None:
         return self.masks.node_scores()
 
+    def effective_scores(self) -> torch.Tensor:
+        """Per edge in graph order: min(edge, writer node) log_alpha, the ranking circuits are cut from."""
+        return self.masks.effective_scores()
+
     def edge_writer_index(self) -> torch.Tensor:
         """Writer slot of every edge in graph order (to combine edge and node scores)."""
         return self.masks.writer_index()

@@ -23,33 +23,27 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg).eval()
 
 
-def brute_force(scores, n_keep, node_ok):
-    """Reference: sort candidates by (score desc, index asc), take the first n_keep."""
-    cand = [i for i in range(len(scores)) if node_ok[i]]
-    cand.sort(key=lambda i: (-float(scores[i]), i))
+def brute_force(scores, n_keep):
+    """Reference: sort by (score desc, index asc), take the first n_keep."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
     keep = torch.zeros(len(scores), dtype=torch.bool)
-    keep[cand[:n_keep]] = True
+    keep[order[:n_keep]] = True
     return keep
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_discretise_exact_count_with_ties_and_nodes(seed):
+def test_discretise_exact_count_with_ties(seed):
     g = torch.Generator().manual_seed(seed)
-    E, W = 200, 12
+    E = 200
     scores = torch.randint(-3, 4, (E,), generator=g).float()  # many ties
-    writer = torch.randint(0, W, (E,), generator=g)
-    nodes = torch.randn(W, generator=g)
-    node_ok = (nodes > 0)[writer]
-    n_cand = int(node_ok.sum())
-    for k in sorted({0, 1, 7, n_cand // 2, n_cand - 1, n_cand}):
-        d = discretise(scores, k, node_scores=nodes, writer_index=writer)
+    for k in (0, 1, 7, E // 2, E - 1, E):
+        d = discretise(scores, k)
         assert d.n_kept == k
-        assert not bool((d.keep & ~node_ok).any()), "an edge of a removed node was kept"
-        assert torch.equal(d.keep, brute_force(scores, k, node_ok))
+        assert torch.equal(d.keep, brute_force(scores, k))
         if 0 < k:
             assert bool((scores[d.keep] >= d.threshold).all())
-            assert bool((scores[~d.keep & node_ok] <= d.threshold).all())
-            assert d.ties_kept + d.ties_dropped == int(((scores == d.threshold) & node_ok).sum())
+            assert bool((scores[~d.keep] <= d.threshold).all())
+            assert d.ties_kept + d.ties_dropped == int((scores == d.threshold).sum())
 
 
 def test_discretise_all_equal_scores_keeps_graph_order():
@@ -61,8 +55,6 @@ def test_discretise_all_equal_scores_keeps_graph_order():
 def test_discretise_errors():
     with pytest.raises(ValueError, match="n_keep"):
         discretise(torch.zeros(5), 6)
-    with pytest.raises(ValueError, match="only 2 edges have a kept writer"):
-        discretise(torch.zeros(4), 3, node_scores=torch.tensor([1.0, -1.0]), writer_index=torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="finite"):
         discretise(torch.tensor([0.0, float("nan")]), 1)
     with pytest.raises(ValueError, match=r"sparsity: expected a number in \[0, 2\)"):
@@ -79,22 +71,38 @@ def test_kept_count():
 
 @pytest.mark.parametrize("split", [False, True])
 def test_from_masks_exact_sparsity(split):
+    """Exactly the target's count, cut from the ranking by min(edge, writer node) log_alpha,
+    even where the node masks alone would leave fewer edges (every node below 0 here)."""
     graph = Graph.build(3, 4, 2, split_embeds=split)
     masks = EdgeMasks(graph, node_masks=True)
     with torch.no_grad():
         for p in masks.edge_log_alpha:
             p.copy_(torch.randint(-2, 3, p.shape).float())  # ties
-        masks.node_log_alpha.copy_(torch.linspace(-1, 5, graph.n_writers))
-    for s in (0.5, 0.9, 0.97):
-        c = Circuit.from_masks(masks, s)
-        assert c.n_edges == round((1 - s) * graph.n_edges)
-        assert c.sparsity == pytest.approx(1 - c.n_edges / graph.n_edges, abs=0)
-        dead = {w for w, v in zip(graph.writer_names(), masks.node_log_alpha.tolist()) if v <= 0}
-        assert dead and not any(w in dead for w, _ in c.edges)
-        assert c.config["discretisation"]["n_keep"] == c.n_edges
-        order = {e: i for i, e in enumerate(graph.edges())}
-        idx = [order[Edge(*e)] for e in c.edges]
-        assert idx == sorted(idx)
+    order = {e: i for i, e in enumerate(graph.edges())}
+    for nodes in (torch.linspace(-1, 5, graph.n_writers), torch.linspace(-6, -1, graph.n_writers)):
+        with torch.no_grad():
+            masks.node_log_alpha.copy_(nodes)
+        eff = torch.minimum(masks.edge_scores(), nodes[masks.writer_index()])
+        for s in (0.5, 0.9, 0.97):
+            c = Circuit.from_masks(masks, s)
+            k = round((1 - s) * graph.n_edges)
+            assert c.n_edges == k and c.sparsity == pytest.approx(1 - k / graph.n_edges, abs=0)
+            idx = [order[Edge(*e)] for e in c.edges]
+            assert idx == sorted(idx)
+            assert torch.equal(torch.tensor([i in set(idx) for i in range(graph.n_edges)]), brute_force(eff, k))
+            d = c.config["discretisation"]
+            assert d["rule"] == "exact count" and d["n_keep"] == k and d["score"].startswith("min(edge")
+
+
+def test_targets_of_one_or_more_take_the_nonzero_masks():
+    graph = Graph.build(2, 2)
+    masks = EdgeMasks(graph, node_masks=True)
+    with torch.no_grad():
+        for p in masks.edge_log_alpha:
+            p.copy_(torch.randn(p.shape) * 4)
+    c = Circuit.from_masks(masks, 1.02)
+    assert c.config["discretisation"]["rule"] == "non-zero masks (target >= 1)"
+    assert c.edges == Circuit.from_masks(masks, None).edges and 0 < c.n_edges < graph.n_edges
 
 
 def test_circuit_json_round_trip(tmp_path):

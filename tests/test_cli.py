@@ -220,3 +220,18 @@ def test_plan_delegates(capsys):
     assert "fits" in stdout
     code, _, err = run(["plan"], capsys)  # the planner's own bad-input message, exit 2
     assert code == 2 and "edgeprune plan: error: model: expected --model PATH" in err
+
+
+def test_node_masks_always_give_the_target_circuit(files, tmp_path, capsys):
+    """Seed 0, 40 steps with node masks: every node log_alpha ends below 0 on this model, and
+    the old rule (edges of kept writers only) failed with exit 2 and nothing saved. The
+    circuit is cut from the ranking by min(edge, node) log_alpha: exactly the target's size."""
+    out = tmp_path / "run"
+    code, _, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--sparsity", "0.9",
+                        "--steps", "40", "--quiet", "--picture", "none", "--out", str(out)], capsys)
+    assert code == 0, err
+    c = json.loads((out / "circuit.json").read_text())
+    assert c["n_edges"] == round(0.1 * N_EDGES)
+    assert c["config"]["discretisation"]["rule"] == "exact count"
+    assert c["config"]["discretisation"]["score"] == "min(edge log_alpha, writer node log_alpha)"
+

@@ -137,14 +137,6 @@ def load_model(args: Namespace, on_device=None, **kwargs):
 
 
 # -- results --------------------------------------------------------------------------------------------
-def effective_scores(model):
-    """min(edge log_alpha, its writer's node log_alpha): a per-edge importance for export."""
-    import torch
-
-    scores, nodes = model.edge_scores(), model.node_scores()
-    return scores if nodes is None else torch.minimum(scores, nodes[model.edge_writer_index()])
-
-
 def print_metrics(circuit, out=None) -> None:
     out = sys.stdout if out is None else out
     m = circuit.metrics
@@ -169,7 +161,7 @@ def write_circuit_files(folder: Path, model, circuit, picture: str) -> list[Path
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [circuit.save(folder / "circuit.json")]
-    scores = dict(zip(model.graph.edges(), torch.sigmoid(effective_scores(model)).tolist()))
+    scores = dict(zip(model.graph.edges(), torch.sigmoid(model.effective_scores()).tolist()))
     try:
         files.append(save_eap_ig(folder / "circuit.eap-ig.json", model.graph, circuit.edge_list(), scores,
                                  d_model=model.adapter.d_model))
