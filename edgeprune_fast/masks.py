@@ -140,9 +140,13 @@ class EdgeMasks(nn.Module):
         for k, t in own.items():
             t.copy_(state[k].to(t.device, t.dtype))
 
-    def save(self, path: str | Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state().items()}, str(path),
-                  metadata={"format": "edgeprune_fast.masks", "graph": self.graph.signature()})
+    def save(self, path: str | Path) -> Path:
+        """Write the log_alphas (atomically, with the graph's signature); returns the path."""
+        from .staging import write_atomically
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state().items()}
+        return write_atomically(Path(path), lambda tmp: save_file(
+            tensors, str(tmp), metadata={"format": "edgeprune_fast.masks", "graph": self.graph.signature()}))
 
     def load(self, path: str | Path) -> None:
         p = Path(path)

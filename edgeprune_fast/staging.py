@@ -3,7 +3,8 @@ name beside its destination and renamed into place on success, removed on failur
 
 ``check_out_folder`` says whether a destination can take a run's outputs; the staged
 results get the modes plain ``mkdir``/``open`` would give under the umask (not mkdtemp's
-0700 or mkstemp's 0600).
+0700 or mkstemp's 0600). ``write_atomically`` replaces one file in one rename (checkpoints,
+masks).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -83,3 +86,30 @@ def staged_file(out: Path):
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(out)
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a temporary name beside ``path``, flush it to disk, rename it over
+    ``path``: readers (and a resume after a kill) see the old file or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.chmod(0o666 & ~_umask())  # the mode plain open() gives (some writers, e.g. safetensors, use 0600)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # the rename itself, durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path

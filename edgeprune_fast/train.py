@@ -30,15 +30,21 @@ each step inside ``torch.random.fork_rng``; the batch order is a fixed function 
 the same masks as an uninterrupted run, and code outside the trainer (an evaluation hook,
 the caller) neither disturbs nor is disturbed by the trainer's random stream.
 
-Checkpoints: ``<name>.safetensors`` (masks, lambdas, optimiser tensors, RNG states) and
-``<name>.json`` (step, config, optimiser groups, scheduler, history), written atomically.
-A non-finite loss (or gradient) stops the run before that step's update, checkpoints the
-last good state as ``last_good`` and raises :class:`NonFiniteLoss` saying where it is.
+Checkpoints: one file, ``<name>.safetensors``: the tensors (masks, lambdas, optimiser
+state, RNG states) and, in its metadata, the JSON of the rest (step, config, optimiser
+groups, scheduler, the data position and a fingerprint of the batches, history). One file
+so that a checkpoint is replaced in one atomic rename (written to a temporary file,
+flushed to disk, renamed): a kill at any moment leaves the previous checkpoint or the new
+one, never a mix. A non-finite loss (or gradient) stops the run before that step's update,
+checkpoints the last good state as ``last_good`` and raises :class:`NonFiniteLoss` saying
+where it is. ``run(should_stop=...)`` lets a caller stop between steps (a signal handler
+sets a flag): the trainer checkpoints and raises :class:`TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -51,6 +57,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .staging import write_atomically
 from .tasks.base import TaskBatch
 
 # Fields that shape the trajectory: a checkpoint resumes only under the same values.
@@ -67,8 +74,11 @@ class TrainConfig:
     target_node_sparsity   in [0, 2), or None: no node constraint (node masks, if the model
                            has them, still learn from the task loss)
     steps                  optimiser steps
-    sparsity_warmup        steps over which the targets rise linearly from 0
-    lr_warmup              steps of linear learning-rate warm-up (then linear decay to 0)
+    sparsity_warmup        steps over which the targets rise linearly from 0 (default None:
+                           the original's 2500 of 3000 steps, scaled to ``steps``: 5/6 of it)
+    lr_warmup              steps of linear learning-rate warm-up, then linear decay to 0
+                           (default None: the original's 200 of 3000, scaled: 1/15 of ``steps``);
+                           a warm-up longer than the run is refused
     lr_edge / lr_node / lr_lambda   AdamW learning rates of edge log_alphas, node log_alphas,
                            and the Lagrange multipliers (gradient ascent)
     weight_decay           AdamW's decoupled weight decay on every group (torch's default)
@@ -83,8 +93,8 @@ class TrainConfig:
     target_edge_sparsity: float = 0.98
     target_node_sparsity: float | None = None
     steps: int = 3000
-    sparsity_warmup: int = 2500
-    lr_warmup: int = 200
+    sparsity_warmup: int | None = None
+    lr_warmup: int | None = None
     lr_edge: float = 0.8
     lr_node: float = 0.8
     lr_lambda: float = 0.8
@@ -108,8 +118,18 @@ class TrainConfig:
         for name, low in (("steps", 1), ("sparsity_warmup", 0), ("lr_warmup", 0), ("seed", 0),
                           ("eval_every", 0), ("checkpoint_every", 0)):
             v = getattr(self, name)
+            if v is None and name in ("sparsity_warmup", "lr_warmup"):
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"TrainConfig.{name}: expected an integer >= {low}, got {v!r}")
+        for name, (of, per) in (("sparsity_warmup", (2500, 3000)), ("lr_warmup", (200, 3000))):
+            v = getattr(self, name)
+            if v is None:  # the original recipe's warm-up, scaled to this run's length
+                object.__setattr__(self, name, round(self.steps * of / per))
+            elif v > self.steps:
+                raise ValueError(f"TrainConfig.{name}: expected at most steps={self.steps} (a warm-up longer than the "
+                                 f"run never reaches its end; leave it None to scale the original's {of} of {per} "
+                                 f"steps to the run), got {v}")
         for name in ("lr_edge", "lr_node", "lr_lambda"):
             v = getattr(self, name)
             if not (number(name, v) and v > 0):
@@ -136,6 +156,16 @@ class NonFiniteLoss(RuntimeError):
     """The loss (or a gradient) became NaN or inf; the step was not applied."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """``run``'s ``should_stop`` asked to stop between steps; ``path`` is the checkpoint
+    written (None without an out_dir), ``step`` the steps done."""
+
+    def __init__(self, step: int, path: Path | None) -> None:
+        where = f"; checkpoint in {path}" if path is not None else " (no out_dir: nothing saved)"
+        super().__init__(f"stopped after step {step}{where}")
+        self.step, self.path = step, path
+
+
 def target_at(step: int, target: float, warmup: int) -> float:
     """Linear warm-up of the target sparsity from 0 to ``target`` over ``warmup`` steps."""
     return target if warmup == 0 else target * min(1.0, step / warmup)
@@ -152,6 +182,12 @@ def linear_schedule(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return step / max(1, warmup)
     return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _fixed(value: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals, never "-0.0000" (a KL of -1e-9 is rounding)."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 class Trainer:
@@ -344,11 +380,13 @@ class Trainer:
             self.model.train(was)
         return result
 
-    def run(self) -> list[dict]:
+    def run(self, should_stop: Callable[[], bool] | None = None) -> list[dict]:
         """Train until ``config.steps`` (continuing from ``self.step`` after a resume); returns
         the history (one row per step: kl, sparsities, targets, lambdas, lr; ``eval`` rows).
         Under data parallel, kl and loss are the global batch's on every process, and
-        kl_this_process is the process's own share's."""
+        kl_this_process is the process's own share's. ``should_stop``: asked after every
+        step (under data parallel, the processes stop together when any asks); when it says
+        True the trainer checkpoints and raises :class:`TrainingInterrupted`."""
         c = self.config
         bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc="pruning", unit="step",
                    dynamic_ncols=True)
@@ -366,11 +404,20 @@ class Trainer:
                     row["eval"] = self.run_evaluation()
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                                                f"{k} {v}" for k, v in row["eval"].items()))
+                saved = None
                 if self.out_dir is not None and (last or (c.checkpoint_every and self.step % c.checkpoint_every == 0)):
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
+                if should_stop is not None and not last and self._stop_requested(should_stop):
+                    if saved is None and self.out_dir is not None:
+                        saved = self.save_checkpoint()
+                    raise TrainingInterrupted(self.step, saved)
         finally:
             bar.close()
         return self.history
+
+    def _stop_requested(self, should_stop: Callable[[], bool]) -> bool:
+        stop = bool(should_stop())
+        return stop if self.data_parallel is None else self.data_parallel.any_process(stop)
 
     def _stop_message(self, exc: Exception) -> str:
         where = ""
@@ -382,7 +429,7 @@ class Trainer:
 
     @staticmethod
     def _postfix(row: dict) -> dict[str, str]:
-        post = {"kl": f"{row['kl']:.4f}", "edges": f"{row['edge_sparsity']:.3f}/{row['target_edge']:.3f}",
+        post = {"kl": _fixed(row["kl"]), "edges": f"{row['edge_sparsity']:.3f}/{row['target_edge']:.3f}",
                 "nodes": f"{row['node_sparsity']:.3f}" + (f"/{row['target_node']:.3f}" if "target_node" in row else ""),
                 "lam_e": "{:.2f},{:.2f}".format(*row["lambda_edge"])}
         if "lambda_node" in row:
@@ -390,6 +437,21 @@ class Trainer:
         return post
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def data_position(self) -> dict[str, Any]:
+        """Where the batch order stands, and a fingerprint of the batches (a resume checks it)."""
+        epoch, i = divmod(self.step, len(self.batches))
+        return {"n_batches": len(self.batches), "epoch": epoch, "next_in_epoch": i,
+                "fingerprint": self._fingerprint()}
+
+    def _fingerprint(self) -> str:
+        if getattr(self, "_data_fingerprint", None) is None:
+            h = hashlib.sha256()
+            for b in self.batches:
+                for t in (b.input_ids, b.corrupted_input_ids, b.attention_mask, b.target_mask):
+                    h.update(b"-" if t is None else t.detach().cpu().contiguous().numpy().tobytes())
+            self._data_fingerprint = h.hexdigest()[:16]
+        return self._data_fingerprint
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors for safetensors, JSON-able metadata) of everything a resume needs."""
         tensors = {f"mask.{k}": v.detach().cpu().contiguous() for k, v in self.model.mask_state_dict().items()}
@@ -400,50 +462,44 @@ class Trainer:
         for pid, st in sd["state"].items():
             for k, v in st.items():
                 tensors[f"optimizer.{pid}.{k}"] = torch.as_tensor(v).detach().cpu().clone().contiguous()
-        meta = {"format": "edgeprune_fast.trainer", "step": self.step, "config": self.config.to_dict(),
+        meta = {"format": CHECKPOINT_FORMAT, "step": self.step, "config": self.config.to_dict(),
                 "optimizer": {"param_groups": sd["param_groups"],
                               "state_keys": {str(pid): sorted(st) for pid, st in sd["state"].items()}},
                 "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-                "history": self.history}
+                "data": self.data_position(), "history": self.history}
         return tensors, meta
 
     def save_checkpoint(self, name: str = "checkpoint") -> Path:
-        """Write ``<out_dir>/<name>.safetensors`` and ``<name>.json`` (temp files, then rename);
-        returns the safetensors path."""
+        """Write ``<out_dir>/<name>.safetensors`` atomically (a temporary file flushed to disk,
+        then renamed; see the module docstring); returns its path."""
         if self.out_dir is None:
             raise ValueError("out_dir: expected a directory for checkpoints, got None")
-        st, js = self.out_dir / f"{name}.safetensors", self.out_dir / f"{name}.json"
+        path = self.out_dir / f"{name}.safetensors"
         if self.data_parallel is not None and not self.data_parallel.is_main:
-            return st  # every process holds the same state: rank 0 writes it
+            return path  # every process holds the same state: rank 0 writes it
         self.out_dir.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state()
-        st_tmp, js_tmp = st.with_name(st.name + ".tmp"), js.with_name(js.name + ".tmp")
-        save_file(tensors, str(st_tmp), metadata={"format": "edgeprune_fast.trainer", "step": str(self.step)})
-        js_tmp.write_text(json.dumps(meta, indent=1))
-        st_tmp.replace(st)
-        js_tmp.replace(js)
-        return st
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={
+            "format": CHECKPOINT_FORMAT, "step": str(self.step), "state": json.dumps(meta)}))
+        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` (path with or without the
-        suffix). ValueError when files are missing or the checkpoint was made under other
-        trajectory settings (targets, steps, warm-ups, learning rates, weight decay, seed)."""
-        base = Path(path)
-        if base.suffix in (".safetensors", ".json"):
-            base = base.with_suffix("")
-        st, js = base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
-        for p in (st, js):
-            if not p.is_file():
-                raise ValueError(f"path: expected the checkpoint file {str(p)!r}, which does not exist")
-        tensors, meta = load_file(str(st)), json.loads(js.read_text())
-        if meta.get("format") != "edgeprune_fast.trainer":
-            raise ValueError(f"path: {str(js)!r} is not a trainer checkpoint (format {meta.get('format')!r})")
+        suffix; the two-file form of earlier versions, ``<name>.json`` beside it, is read too).
+        ValueError when it is missing or unreadable, was made under other trajectory settings
+        (targets, steps, warm-ups, learning rates, weight decay, seed) or on other data."""
+        tensors, meta, source = read_checkpoint(path)
         saved = meta["config"]
         if diff := [f for f in _TRAJECTORY_FIELDS if saved.get(f) != getattr(self.config, f)]:
             raise ValueError("config: the checkpoint was trained with " +
                              ", ".join(f"{f}={saved.get(f)!r}" for f in diff) + "; this trainer has " +
                              ", ".join(f"{f}={getattr(self.config, f)!r}" for f in diff) +
                              " (resuming exactly needs the same settings)")
+        data = meta.get("data")
+        if data is not None and (data["n_batches"], data["fingerprint"]) != (len(self.batches), self._fingerprint()):
+            raise ValueError(f"batches: the checkpoint {source} was trained on other data ({data['n_batches']} batches, "
+                             f"fingerprint {data['fingerprint']}); these are {len(self.batches)} batches, fingerprint "
+                             f"{self._fingerprint()} (resuming exactly needs the same batches)")
         self.model.load_mask_state_dict({k[len("mask."):]: v for k, v in tensors.items() if k.startswith("mask.")})
         with torch.no_grad():
             self.edge_lambdas.copy_(tensors["lambda.edge"])
@@ -459,3 +515,35 @@ class Trainer:
                              "it on the CPU (or accept a different noise stream by starting a new run)")
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
+
+
+CHECKPOINT_FORMAT = "edgeprune_fast.trainer"
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(tensors, metadata, the file read) of a trainer checkpoint, ``<name>`` or ``<name>.safetensors``
+    (an earlier version's ``<name>.json`` beside it is read when the file has no metadata of its own)."""
+    from safetensors import SafetensorError, safe_open
+
+    base = Path(path)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    st = base.with_name(base.name + ".safetensors")
+    if not st.is_file():
+        raise ValueError(f"path: expected the checkpoint file {str(st)!r}, which does not exist")
+    try:
+        with safe_open(str(st), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(st))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"path: {str(st)!r} is not a readable checkpoint ({exc})") from None
+    if "state" in header:
+        meta = json.loads(header["state"])
+    else:
+        legacy = base.with_name(base.name + ".json")
+        if not legacy.is_file():
+            raise ValueError(f"path: {str(st)!r} holds no trainer state (no metadata, no {legacy.name} beside it)")
+        meta = json.loads(legacy.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"path: {str(st)!r} is not a trainer checkpoint (format {meta.get('format')!r})")
+    return tensors, meta, str(st)

@@ -109,7 +109,7 @@ def test_checkpoint_written_once_resumes_in_one_process(two_process_run):
     it for the last step and ends where an uninterrupted one-process run ends."""
     torch.set_num_threads(1)
     assert sorted(p.name for p in two_process_run.iterdir() if p.name.startswith("checkpoint")) == \
-        ["checkpoint.json", "checkpoint.safetensors"]
+        ["checkpoint.safetensors"]
     assert_resumes_like_a_straight_run(two_process_run / "checkpoint")
 
 

@@ -157,7 +157,7 @@ def test_short_recovery_keeps_the_ground_truth(tmp_path, gt):
     assert set(gt.edges) <= set(r.edges) and len(r.edges) <= len(gt.edges) + 2, r.summary()
     assert r.accuracy == 1.0 and r.auc >= 0.99, r.summary()
     assert r.history[-1]["edge_sparsity"] > 0.8  # the pressure did prune: 77 -> ~11 edges
-    assert (tmp_path / "masks.safetensors").is_file() and (tmp_path / "checkpoint.json").is_file()
+    assert (tmp_path / "masks.safetensors").is_file() and (tmp_path / "checkpoint.safetensors").is_file()
 
 
 def test_prune_tracr_argument_errors():

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from edgeprune_fast.model import EdgePrunedModel
 from edgeprune_fast.tasks.base import Task, TaskBatch, kl_loss
-from edgeprune_fast.train import NonFiniteLoss, TrainConfig, Trainer, lagrangian, linear_schedule, target_at
+from edgeprune_fast.train import (
+    NonFiniteLoss,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    lagrangian,
+    linear_schedule,
+    read_checkpoint,
+    target_at,
+)
 from tests.models._tiny import VOCAB, tiny_model
 
 B, S = 4, 7
@@ -62,8 +72,9 @@ def masks(model: EdgePrunedModel) -> dict[str, torch.Tensor]:
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(target_edge_sparsity=0.5, target_node_sparsity=0.2, steps=12, sparsity_warmup=8, lr_warmup=3,
-                lr_edge=0.1, lr_node=0.1, lr_lambda=0.1, progress=False)
+    steps = kw.get("steps", 12)  # warm-ups of 8 and 3 steps, or the whole run when it is shorter
+    base = dict(target_edge_sparsity=0.5, target_node_sparsity=0.2, steps=12, sparsity_warmup=min(8, steps),
+                lr_warmup=min(3, steps), lr_edge=0.1, lr_node=0.1, lr_lambda=0.1, progress=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -134,8 +145,11 @@ def test_run_checkpoints_and_history_resume(tmp_path):
     model = make_model()
     t = Trainer(model, KLTask(), make_batches(), cfg(steps=6, checkpoint_every=4), out_dir=tmp_path)
     t.run()
-    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]  # one file, no temporaries
+    _, meta, _ = read_checkpoint(tmp_path / "checkpoint")
     assert meta["step"] == 6 and len(meta["history"]) == 6 and meta["config"]["steps"] == 6
+    assert meta["data"]["n_batches"] == 2 and meta["data"]["epoch"] == 3 and meta["data"]["next_in_epoch"] == 0
+    assert (tmp_path / "checkpoint.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
     t2 = Trainer(make_model(), KLTask(), make_batches(), cfg(steps=6), out_dir=tmp_path)
     t2.load_checkpoint(tmp_path / "checkpoint.safetensors")
     assert t2.history == t.history and t2.run() == t.history  # nothing left to do
@@ -154,6 +168,29 @@ def test_resume_refuses_other_settings_and_missing_files(tmp_path):
         other.load_checkpoint(tmp_path / "nope")
     with pytest.raises(ValueError, match="out_dir: expected a directory"):
         other.save_checkpoint()
+    elsewhere = Trainer(make_model(), KLTask(), make_batches(seed=9), cfg(steps=3))
+    with pytest.raises(ValueError, match="batches: the checkpoint .* was trained on other data"):
+        elsewhere.load_checkpoint(tmp_path / "checkpoint")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
+    with pytest.raises(ValueError, match="is not a readable checkpoint"):
+        other.load_checkpoint(tmp_path / "broken")
+
+
+def test_a_stop_request_checkpoints_between_steps(tmp_path):
+    """should_stop is asked after every step; the run checkpoints and raises, and a resume
+    from there ends where the straight run ends."""
+    straight = make_model()
+    Trainer(straight, KLTask(), make_batches(), cfg(steps=7)).run()
+    asked = []
+    t = Trainer(make_model(), KLTask(), make_batches(), cfg(steps=7, checkpoint_every=5), out_dir=tmp_path)
+    with pytest.raises(TrainingInterrupted, match="stopped after step 3; checkpoint in .*checkpoint.safetensors"):
+        t.run(should_stop=lambda: asked.append(t.step) or t.step == 3)
+    assert asked == [1, 2, 3] and read_checkpoint(tmp_path / "checkpoint")[1]["step"] == 3
+    resumed = Trainer(make_model(seed=4), KLTask(), make_batches(), cfg(steps=7), out_dir=tmp_path)
+    resumed.load_checkpoint(tmp_path / "checkpoint")
+    resumed.run()
+    for key, v in masks(straight).items():
+        torch.testing.assert_close(masks(resumed.model)[key], v, atol=1e-6, rtol=0)
 
 
 # ---- non-finite loss ----------------------------------------------------------------------------
@@ -171,7 +208,7 @@ def test_non_finite_loss_stops_with_the_last_good_state(tmp_path):
     assert t.step == 3
     for key, v in masks(good).items():  # the bad step changed nothing
         assert torch.equal(masks(model)[key], v), key
-    assert json.loads((tmp_path / "last_good.json").read_text())["step"] == 3
+    assert read_checkpoint(tmp_path / "last_good")[1]["step"] == 3
 
     # the saved state resumes like the uninterrupted run
     resumed = Trainer(make_model(seed=5), KLTask(), make_batches(), cfg(), out_dir=tmp_path)
@@ -221,6 +258,12 @@ def test_evaluation_hook_is_periodic_and_changes_nothing():
         assert torch.equal(masks(hooked)[key], v)
 
 
+def test_progress_bar_never_shows_minus_zero():
+    from edgeprune_fast.train import _fixed
+
+    assert (_fixed(-1e-9), _fixed(0.0), _fixed(-0.00051), _fixed(0.12345)) == ("0.0000", "0.0000", "-0.0005", "0.1235")
+
+
 def test_progress_bar_shows_the_numbers(capsys):
     Trainer(make_model(), KLTask(), make_batches(), cfg(steps=4, progress=True)).run()
     err = capsys.readouterr().err
@@ -257,6 +300,16 @@ def test_config_round_trip_and_unknown_fields():
     assert (d.lr_edge, d.lr_node, d.lr_lambda, d.steps, d.sparsity_warmup, d.lr_warmup) == (0.8, 0.8, 0.8, 3000, 2500, 200)
 
 
+def test_warmups_scale_to_the_run_or_are_refused():
+    short = TrainConfig(steps=30)  # the original's 2500 and 200 of 3000 steps, scaled
+    assert (short.sparsity_warmup, short.lr_warmup) == (25, 2)
+    assert TrainConfig(steps=30, sparsity_warmup=30, lr_warmup=0).sparsity_warmup == 30
+    with pytest.raises(ValueError, match=r"TrainConfig.sparsity_warmup: expected at most steps=30 .*got 2500"):
+        TrainConfig(steps=30, sparsity_warmup=2500)
+    with pytest.raises(ValueError, match=r"TrainConfig.lr_warmup: expected at most steps=30 .*got 200"):
+        TrainConfig(steps=30, lr_warmup=200)
+
+
 def test_trainer_argument_errors():
     model = make_model()
     with pytest.raises(ValueError, match="batches: expected at least one TaskBatch"):
@@ -273,3 +326,9 @@ def test_trainer_argument_errors():
                            target_mask=make_batches(1)[0].target_mask)
     with pytest.raises(ValueError, match=r"batches\[0\].corrupted_input_ids: required under .*ablation='corrupted'"):
         Trainer(model, KLTask(), [no_corrupt], cfg()).train_step()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
