@@ -345,6 +345,23 @@ class EdgePrunedModel(nn.Module):
             return (sw.sum(1) / w.sum(0).clamp_min(1)[None, :, None]).to(states.dtype)
         return (sw.sum((1, 2)) / w.sum().clamp_min(1)).to(states.dtype)
 
+    @torch.no_grad()
+    def use_mean_ablation(self, batches: Iterable) -> EdgePrunedModel:
+        """Switch to mean ablation with the mean writer outputs over the real tokens of
+        ``batches`` (anything with input_ids and attention_mask, e.g. a task's training
+        batches), each batch weighted by its tokens; returns the model. Call it before
+        sharding the weights: every process then holds the same means."""
+        total, count = None, 0.0
+        for b in batches:
+            n = float(b.input_ids.numel() if b.attention_mask is None else b.attention_mask.sum())
+            mean = self.compute_mean_writers(b.input_ids, b.attention_mask).float() * n
+            total, count = (mean if total is None else total + mean), count + n
+        if total is None:
+            raise ValueError("batches: expected at least one batch to take the mean writer outputs over, got none")
+        self.set_mean_writers(total / count)
+        self.ablation = "mean"
+        return self
+
     def set_mean_writers(self, mean_writers: torch.Tensor) -> None:
         """Mean-ablation values: [W, D] (one vector per writer) or [W, S_max, D] (per position)."""
         W, D = self._graph.n_writers, self.adapter.d_model

@@ -167,18 +167,43 @@ def test_bad_input(case, message, files, tmp_path, capsys):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_nothing_half_written_on_failure(files, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
+def test_a_failure_after_training_keeps_the_masks_and_resumes(files, tmp_path, capsys, monkeypatch):
+    """A failure once the masks are learned: exit 1, no final output appears, the learned
+    masks are kept in OUT/checkpoint with the command that continues; it ends like a run
+    that never failed."""
+    out, straight = tmp_path / "out", tmp_path / "straight"
+    argv = ["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--steps", "6", "--quiet",
+            "--picture", "none"]
+    assert run([*argv, "--out", str(straight)], capsys)[0] == 0
 
     def write_then_fail(folder, *args, **kwargs):
         (folder / "circuit.json").write_text("{}")
         raise ValueError("picture: simulated failure after a partial write")
 
     monkeypatch.setattr(prune_command, "write_circuit_files", write_then_fail)
+    code, _, err = run([*argv, "--out", str(out)], capsys)
+    assert code == 1 and "simulated failure" in err and f"edgeprune prune --resume {out}" in err
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]  # no final output in place
+    assert (out / "checkpoint" / "outputs" / "masks.safetensors").is_file()  # the learned masks are kept
+    monkeypatch.undo()
+    code, _, err = run(["prune", "--resume", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in straight.iterdir())
+    assert json.loads((out / "circuit.json").read_text())["edges"] == \
+        json.loads((straight / "circuit.json").read_text())["edges"]
+
+
+def test_bad_input_before_training_leaves_nothing(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+
+    def fail(*args, **kwargs):
+        raise ValueError("config: simulated bad setting found while setting up the trainer")
+
+    monkeypatch.setattr("edgeprune_fast.train.Trainer.__init__", fail)
     code, _, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--steps", "2",
                         "--quiet", "--out", str(out)], capsys)
-    assert code == 2 and "simulated failure" in err
-    assert list(tmp_path.iterdir()) == []  # neither the output nor its staging folder
+    assert code == 2 and "simulated bad setting" in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its checkpoint
 
 
 def test_out_folder_rules(tmp_path, capsys):

@@ -57,15 +57,16 @@ def model_dir(text: str) -> Path:
 
 
 # -- argument groups ------------------------------------------------------------------------------------
-def add_task_source(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+def add_task_source(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--task", help="a task name: ioi, greater-than, gendered-pronouns")
     src.add_argument("--data", type=Path, help="JSONL of {\"clean\": ..., \"corrupted\": ...} lines with the "
                      "predicted span in <predict>...</predict> (optional \"split\")")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=model_dir, required=True, help="folder of a saved HF causal LM and its tokenizer")
+def add_model_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--model", type=model_dir, required=required, default=None,
+                   help="folder of a saved HF causal LM and its tokenizer")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the model's weights (masks stay float32)")
     p.add_argument("--ablation", choices=["corrupted", "zero", "mean"], default="corrupted",
@@ -153,7 +154,9 @@ def print_metrics(circuit, out=None) -> None:
                   file=out)
 
 
-def write_circuit_files(folder: Path, model, circuit, picture: str) -> list[Path]:
+def write_circuit_files(folder: Path, model, circuit, picture: str, *, masks: bool = True) -> list[Path]:
+    """circuit.json, circuit.eap-ig.json, masks.safetensors (unless ``masks=False``: written
+    already) and the picture, into ``folder``."""
     import torch
 
     from ..draw import draw_circuit
@@ -167,7 +170,8 @@ def write_circuit_files(folder: Path, model, circuit, picture: str) -> list[Path
                                  d_model=model.adapter.d_model))
     except ValueError as exc:  # per-layer head counts: the EAP-IG format cannot hold the graph
         print(f"note: no EAP-IG file: {exc}", file=sys.stderr)
-    model.save_masks(folder / "masks.safetensors")
+    if masks:
+        model.save_masks(folder / "masks.safetensors")
     files.append(folder / "masks.safetensors")
     if picture != "none":
         if circuit.n_edges:
