@@ -17,9 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_cli import ROOT, files, run  # noqa: F401 (files: the shared fixture)
+from tests.tasks._task_tokenizer import save_tiny_model
+from tests.test_cli import LINES, ROOT, run
 
 STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"clean": c, "corrupted": k}) + "\n" for c, k in LINES))
+    return {"root": root, "model": save_tiny_model(root / "model"), "data": data}
 
 
 def _argv(files, out: Path, *extra: str) -> list[str]:
@@ -57,7 +66,7 @@ def _checkpoints(out: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def straight(files, tmp_path_factory):  # noqa: F811
+def straight(files, tmp_path_factory):
     """The uninterrupted runs: one target, and a sweep of two."""
     root = tmp_path_factory.mktemp("straight")
     for name, extra in (("one", []), ("sweep", ["--sweep", "0.8", "0.9"])):
@@ -91,7 +100,7 @@ def _assert_close_numbers(got, want, where="metrics") -> None:
         assert got == want, where
 
 
-def test_sigkill_after_the_first_checkpoint_then_resume(files, straight, tmp_path):  # noqa: F811
+def test_sigkill_after_the_first_checkpoint_then_resume(files, straight, tmp_path):
     out = tmp_path / "run"
     done = _start_and_signal(_argv(files, out), lambda: bool(_checkpoints(out)), signal.SIGKILL)
     assert done.returncode == -signal.SIGKILL
@@ -104,7 +113,7 @@ def test_sigkill_after_the_first_checkpoint_then_resume(files, straight, tmp_pat
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(files, straight, tmp_path, sig, code):  # noqa: F811
+def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(files, straight, tmp_path, sig, code):
     out = tmp_path / "run"
     done = _start_and_signal(_argv(files, out), lambda: bool(_checkpoints(out)), sig)
     assert done.returncode == code, done.stderr
@@ -116,7 +125,7 @@ def test_sigterm_and_sigint_checkpoint_and_say_how_to_resume(files, straight, tm
     _assert_same_run(out, straight / "one")
 
 
-def test_a_sweep_resumes_at_its_first_unfinished_target(files, straight, tmp_path):  # noqa: F811
+def test_a_sweep_resumes_at_its_first_unfinished_target(files, straight, tmp_path):
     out = tmp_path / "sweep"
 
     def first_target_done() -> bool:
@@ -135,7 +144,7 @@ def test_a_sweep_resumes_at_its_first_unfinished_target(files, straight, tmp_pat
                           json.loads((straight / "sweep" / "sweep.json").read_text()))
 
 
-def test_resume_bad_input(files, straight, tmp_path, capsys):  # noqa: F811
+def test_resume_bad_input(files, straight, tmp_path, capsys):
     code, _, err = run(["prune", "--resume", str(tmp_path / "nope")], capsys)
     assert code == 2 and "--resume: expected the folder of an interrupted `edgeprune prune` run" in err
     assert "does not exist" in err
