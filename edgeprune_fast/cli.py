@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if not quiet:
             print(f"edgeprune {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edgeprune plan --json | head`: the reader is gone, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 if __name__ == "__main__":  # `python -m edgeprune_fast.cli`: run the package's module, not a __main__ copy

@@ -339,7 +339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def shape_from_args(args: argparse.Namespace) -> ModelShape:
     if args.model:
         return ModelShape.from_path(args.model)
-    missing = [f"--{n}" for n in ("layers", "heads", "d_model") if getattr(args, n) is None]
+    missing = [f"--{n.replace('_', '-')}" for n in ("layers", "heads", "d_model") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"model: expected --model PATH or the shape ({', '.join(missing)} missing)")
     d_mlp = args.d_mlp or 4 * args.d_model

@@ -141,10 +141,21 @@ def _unaligned(path: Path) -> Path:
     ("negative sweep", "argument --sweep: expected a number in [0, 2), got -0.1"),
     ("zero steps", "argument --steps: expected an integer >= 1, got 0"),
     ("unknown task", "task: expected one of"),
+    ("truncated weights", "which could not be read: Error while deserializing header"),
+    ("no tokenizer", "has no tokenizer files (expected tokenizer.json or vocab.json + merges.txt"),
+    ("data is a folder", "which is a directory"),
+    ("jsonl not utf-8", "line 2: expected UTF-8 text, got the byte 0xe9 at column 15"),
+    ("warm-up too long", "--sparsity-warmup: expected an integer in [0, --steps=2] (a warm-up longer than the run"),
+    ("node target without node masks", "--node-sparsity: needs node masks"),
+    ("no model", "--model: required (unless --resume OUT continues an interrupted run)"),
 ])
 def test_bad_input(case, message, files, tmp_path, capsys):
-    model, data, out = str(files["model"]), str(files["data"]), tmp_path / "out"
+    model, data, out = str(files["model"]), str(files["data"]), tmp_path / "in" / "out"
+    tmp_path = tmp_path / "in"
+    tmp_path.mkdir()
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "latin1.jsonl").write_bytes((json.dumps({"clean": LINES[0][0], "corrupted": LINES[0][1]}) + "\n"
+                                             + '{"clean": "caf\xe9", "corrupted": "x"}\n').encode("latin-1"))
     (tmp_path / "bad.jsonl").write_text(json.dumps({"clean": LINES[0][0], "corrupted": LINES[0][1]}) + "\n{oops\n")
     argv = {
         "missing model": ["--model", "/no/such/model", "--data", data],
@@ -157,6 +168,14 @@ def test_bad_input(case, message, files, tmp_path, capsys):
         "negative sweep": ["--model", model, "--data", data, "--sweep", "0.5", "-0.1"],
         "zero steps": ["--model", model, "--data", data, "--steps", "0"],
         "unknown task": ["--model", model, "--task", "nosuch"],
+        "truncated weights": ["--model", str(_damaged_copy(files["model"], tmp_path / "cut", "weights")), "--data", data],
+        "no tokenizer": ["--model", str(_damaged_copy(files["model"], tmp_path / "untok", "tokenizer")), "--data", data],
+        "data is a folder": ["--model", model, "--data", str(tmp_path)],
+        "jsonl not utf-8": ["--model", model, "--data", str(tmp_path / "latin1.jsonl")],
+        "warm-up too long": ["--model", model, "--data", data, "--sparsity-warmup", "2500"],
+        "node target without node masks": ["--model", model, "--data", data, "--node-sparsity", "0.5",
+                                           "--no-node-masks"],
+        "no model": ["--data", data],
     }[case]
     code, stdout, err = run(["prune", *argv, "--steps", "2", "--quiet", "--out", str(out)]
                             if case != "zero steps" else ["prune", *argv, "--quiet", "--out", str(out)], capsys)
@@ -165,6 +184,20 @@ def test_bad_input(case, message, files, tmp_path, capsys):
     assert "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def _damaged_copy(model: Path, to: Path, what: str) -> Path:
+    """The tiny model saved again, with its weights file cut in half or its tokenizer files gone."""
+    import shutil
+
+    shutil.copytree(model, to)
+    if what == "weights":
+        weights = to / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json"):
+            (to / name).unlink(missing_ok=True)
+    return to
 
 
 def test_a_failure_after_training_keeps_the_masks_and_resumes(files, tmp_path, capsys, monkeypatch):
@@ -259,4 +292,62 @@ def test_node_masks_always_give_the_target_circuit(files, tmp_path, capsys):
     assert c["n_edges"] == round(0.1 * N_EDGES)
     assert c["config"]["discretisation"]["rule"] == "exact count"
     assert c["config"]["discretisation"]["score"] == "min(edge log_alpha, writer node log_alpha)"
+
+
+def test_outputs_share_one_file_mode(pruned):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in pruned.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # masks.safetensors was 0600 (safetensors' own mode)
+
+
+def test_targets_of_one_or_more_train_and_say_what_circuit_is_taken(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(["prune", "--model", str(files["model"]), "--data", str(files["data"]), "--sparsity", "1.02",
+                        "--steps", "4", "--quiet", "--picture", "none", "--out", str(out)], capsys)
+    assert code == 0, err
+    c = json.loads((out / "circuit.json").read_text())
+    assert c["config"]["discretisation"]["rule"] == "non-zero masks (target >= 1)"
+    assert f"note: target 1.02 >= 1 keeps no edge by count; the circuit is the {c['n_edges']} edges" in err
+    if c["n_edges"] == 0:
+        assert "warning: the circuit at target 1.02 is EMPTY" in err
+
+
+def test_eval_takes_the_circuit_files_settings_and_mean_ablation_works(pruned, files, capsys):
+    base = ["--model", str(files["model"]), "--data", str(files["data"])]
+    code, out, err = run(["eval", str(pruned / "circuit.json"), *base], capsys)
+    assert code == 0 and "corrupted ablation" in out and "overrides" not in err
+    code, out, err = run(["eval", str(pruned / "circuit.json"), *base, "--ablation", "mean"], capsys)
+    assert code == 0, err
+    assert "mean ablation" in out and "note: --ablation mean overrides the circuit file's corrupted" in err
+    assert "faithfulness" in out
+    code, out, err = run(["eval", str(pruned / "circuit.json"), *base, "--ablation", "zero", "--split-embeds"], capsys)
+    assert code == 2 and "overrides the circuit file's False" in err  # a split graph cannot hold this circuit
+    assert "is a circuit of a graph with 46 edges; expected this model's graph with 61 edges" in err
+
+
+def test_circuit_rediscretises_a_finished_run(pruned, files, tmp_path, capsys):
+    out = tmp_path / "more"
+    code, stdout, err = run(["circuit", str(pruned), "--sparsity", "0.5", "0.9", "--picture", "none",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["sparsity_0.5000", "sparsity_0.9000", "summary.json"]
+    c9 = Circuit.load(out / "sparsity_0.9000" / "circuit.json")
+    assert c9.edges == Circuit.load(pruned / "circuit.json").edges  # the run's own target: the same circuit
+    c5 = Circuit.load(out / "sparsity_0.5000" / "circuit.json")
+    assert c5.n_edges == round(0.5 * N_EDGES) and set(c9.edges) <= set(c5.edges)  # prefixes of one ranking
+    assert "faithfulness" in c5.metrics and c5.config["source_run"] == str(pruned)
+    code, _, err = run(["circuit", str(pruned), "--sparsity", "0.7", "--no-eval", "--out", str(tmp_path / "q")],
+                       capsys)
+    assert code == 0, err
+    assert Circuit.load(tmp_path / "q" / "sparsity_0.7000" / "circuit.json").metrics == {}
+    code, _, err = run(["circuit", str(files["root"]), "--sparsity", "0.7", "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "has no circuit.json" in err and not (tmp_path / "x").exists()
+
+
+def test_plan_json_into_a_closed_pipe_and_its_hints(capsys):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(f"{sys.executable} -m edgeprune_fast.cli plan --layers 2 --heads 2 --d-model 32 --json "
+                          f"| head -1", shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip() == "{" and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+    code, _, err = run(["plan", "--layers", "2"], capsys)
+    assert code == 2 and "--heads, --d-model missing" in err
 

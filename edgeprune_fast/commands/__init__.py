@@ -7,6 +7,7 @@ and ``run(args) -> int``; transformers and the library's modules are imported in
 common.py.
 
     prune     train masks on a task and write the circuit (and checkpoints to resume from)
+    circuit   a finished run's circuits at other sparsities, from its masks (no training)
     eval      a circuit file (ours or EAP-IG/MIB) on a task: KL, metric, faithfulness
     draw      a circuit file as a picture
     info      versions, GPU, compiled extension, backend per op
@@ -16,4 +17,4 @@ common.py.
 
 from __future__ import annotations
 
-COMMANDS = ("prune", "evaluate", "draw", "info", "demo", "plan")
+COMMANDS = ("prune", "circuit", "evaluate", "draw", "info", "demo", "plan")

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+ABLATIONS = ("corrupted", "zero", "mean")
 PICTURE_NAME = "circuit"
 
 
@@ -64,14 +65,22 @@ def add_task_source(p: argparse.ArgumentParser, *, required: bool = True) -> Non
                      "predicted span in <predict>...</predict> (optional \"split\")")
 
 
-def add_model_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stored: bool = False) -> None:
+    """The model and how to run it. ``stored``: for commands that read a circuit file, whose
+    ablation and embedding mode are the defaults (None here: the file's)."""
     p.add_argument("--model", type=model_dir, required=required, default=None,
                    help="folder of a saved HF causal LM and its tokenizer")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the model's weights (masks stay float32)")
-    p.add_argument("--ablation", choices=["corrupted", "zero", "mean"], default="corrupted",
-                   help="what a removed edge carries: the corrupted run's value (default), zero, or the mean")
-    p.add_argument("--split-embeds", action="store_true", help="separate token and position embedding nodes")
+    if stored:
+        p.add_argument("--ablation", choices=ABLATIONS, default=None,
+                       help="what a removed edge carries (default: the circuit file's, else corrupted)")
+        p.add_argument("--split-embeds", action=argparse.BooleanOptionalAction, default=None,
+                       help="separate token and position embedding nodes (default: as in the circuit file)")
+    else:
+        p.add_argument("--ablation", choices=ABLATIONS, default="corrupted",
+                       help="what a removed edge carries: the corrupted run's value (default), zero, or the mean")
+        p.add_argument("--split-embeds", action="store_true", help="separate token and position embedding nodes")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--examples", type=positive_int, default=256, help="examples to generate (generated tasks)")
     p.add_argument("--seed", type=int, default=0)
@@ -101,13 +110,23 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+# The files a tokenizer saved with save_pretrained leaves: any one of these sets is enough
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
+        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        wanted = " or ".join(" + ".join(g) for g in TOKENIZER_FILES)
+        raise UsageError(f"--model: {str(path)!r} has no tokenizer files (expected {wanted}; found {found}); save "
+                         f"the model's tokenizer beside it: AutoTokenizer.from_pretrained(<its name>)"
+                         f".save_pretrained({str(path)!r})")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
-        raise UsageError(f"--model: could not load a tokenizer from {str(path)!r} (save one next to the model with "
+        raise UsageError(f"--model: could not load the tokenizer in {str(path)!r} (re-save it with "
                          f"tokenizer.save_pretrained): {str(exc).splitlines()[0]}") from None
 
 
@@ -115,10 +134,19 @@ def load_task(args: Namespace, tokenizer):
     from ..tasks import get_task
 
     if args.data is not None:
+        if args.data.is_dir():
+            raise UsageError(f"--data: expected a JSONL file, got {str(args.data)!r}, which is a directory")
         if not args.data.is_file():
             raise UsageError(f"--data: expected a JSONL file, {str(args.data)!r} does not exist")
         return get_task(args.data, tokenizer)
     return get_task(args.task, tokenizer, n_examples=getattr(args, "examples", None), seed=args.seed)
+
+
+def load_model_for(args: Namespace, ablation: str, mean_batches, **kwargs):
+    """load_model under ``ablation``; mean ablation takes its means over ``mean_batches``
+    (the task's training batches, as prune does)."""
+    model = load_model(args, ablation="zero" if ablation == "mean" else ablation, **kwargs)
+    return model.use_mean_ablation(mean_batches) if ablation == "mean" else model
 
 
 def load_model(args: Namespace, on_device=None, **kwargs):
@@ -130,11 +158,22 @@ def load_model(args: Namespace, on_device=None, **kwargs):
     dtype = torch_dtype(getattr(args, "dtype", "float32"))
     kwargs.setdefault("checkpoint_layers", getattr(args, "checkpoint_layers", False))
     kwargs.setdefault("corrupted_on_cpu", getattr(args, "corrupted_on_cpu", False))
+    from safetensors import SafetensorError
+
     try:
         return EdgePrunedModel.from_pretrained(args.model, dtype=dtype, device=on_device, **kwargs)
+    except SafetensorError as exc:  # a cut or damaged weights file
+        weights = sorted(p.name for p in Path(args.model).glob("*.safetensors")) or ["no *.safetensors"]
+        raise UsageError(f"--model: expected readable weights in {str(args.model)!r}, got {', '.join(weights)}, "
+                         f"which could not be read: {_first_line(exc)}; the file is truncated or corrupt (save the "
+                         f"model again with save_pretrained)") from None
     except OSError as exc:
         raise UsageError(f"--model: could not load a causal LM from {str(args.model)!r}: "
-                         f"{str(exc).splitlines()[0]}") from None
+                         f"{_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # -- results --------------------------------------------------------------------------------------------
@@ -154,9 +193,11 @@ def print_metrics(circuit, out=None) -> None:
                   file=out)
 
 
-def write_circuit_files(folder: Path, model, circuit, picture: str, *, masks: bool = True) -> list[Path]:
-    """circuit.json, circuit.eap-ig.json, masks.safetensors (unless ``masks=False``: written
-    already) and the picture, into ``folder``."""
+def write_circuit_files(folder: Path, circuit, masks, d_model: int, picture: str, *,
+                        save_masks: bool = True) -> list[Path]:
+    """circuit.json, circuit.eap-ig.json (scores: the sigmoid of the effective log_alphas,
+    the ranking the circuit was cut from), masks.safetensors (unless ``save_masks=False``:
+    written already) and the picture, into ``folder``. ``masks``: the EdgeMasks."""
     import torch
 
     from ..draw import draw_circuit
@@ -164,15 +205,15 @@ def write_circuit_files(folder: Path, model, circuit, picture: str, *, masks: bo
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [circuit.save(folder / "circuit.json")]
-    scores = dict(zip(model.graph.edges(), torch.sigmoid(model.effective_scores()).tolist()))
+    scores = dict(zip(masks.graph.edges(), torch.sigmoid(masks.effective_scores()).tolist()))
     try:
-        files.append(save_eap_ig(folder / "circuit.eap-ig.json", model.graph, circuit.edge_list(), scores,
-                                 d_model=model.adapter.d_model))
+        files.append(save_eap_ig(folder / "circuit.eap-ig.json", masks.graph, circuit.edge_list(), scores,
+                                 d_model=d_model))
     except ValueError as exc:  # per-layer head counts: the EAP-IG format cannot hold the graph
         print(f"note: no EAP-IG file: {exc}", file=sys.stderr)
-    if masks:
-        model.save_masks(folder / "masks.safetensors")
-    files.append(folder / "masks.safetensors")
+    if save_masks:
+        masks.save(folder / "masks.safetensors")
+        files.append(folder / "masks.safetensors")
     if picture != "none":
         if circuit.n_edges:
             target = folder / f"{PICTURE_NAME}.{picture}"

@@ -343,11 +343,12 @@ def _one_target(args, target, task, model, train_batches, eval_batches, dp, fold
                                          "node_masks": not args.no_node_masks, "train": config.to_dict(),
                                          "batch_size": args.batch_size,
                                          "processes": 1 if dp is None else dp.world_size,
-                                         "final_train_kl": history[-1]["kl"] if history else None})
+                                         "final_train_kl": history[-1]["kl"] if history else None,
+                                         "run": _settings(args)})
     _say_which_circuit(circuit, target, err)
     circuit = evaluate_circuit(model, circuit, task, eval_batches)  # on every rank: see run
     if stage is not None:
-        write_circuit_files(stage, model, circuit, args.picture, masks=False)
+        write_circuit_files(stage, circuit, model.masks, model.adapter.d_model, args.picture, save_masks=False)
     print(f"target sparsity {target}:", file=out)
     print_metrics(circuit, out)
     return {"target": target, "sparsity": circuit.sparsity, "n_edges": circuit.n_edges,

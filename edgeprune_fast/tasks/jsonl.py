@@ -72,13 +72,20 @@ def parse_predict(text: str, where: str, required: bool) -> tuple[str, str, str]
 
 def read_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; clear errors for anything else."""
+    if path.is_dir():
+        raise ValueError(f"data: expected a JSONL file, got {str(path)!r}, which is a directory")
     if not path.is_file():
         raise ValueError(f"data: expected a JSONL file, {str(path)!r} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}, line {number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{where}: expected UTF-8 text, got the byte 0x{raw[exc.start]:02x} at column "
+                             f"{exc.start + 1} (save the file as UTF-8)") from None
         if not line.strip():
             continue
-        where = f"{path}, line {number}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
