@@ -22,9 +22,9 @@ import pkgutil
 from torch import nn
 
 from ..graph import GraphConfig
-from .base import Adapter, Family, LayerSpec
+from .base import Adapter, Family, LayerSpec, RMSNorm
 
-__all__ = ["Adapter", "Family", "LayerSpec", "adapter_for", "families", "graph_config_from_hf",
+__all__ = ["Adapter", "Family", "LayerSpec", "RMSNorm", "adapter_for", "families", "graph_config_from_hf",
            "supported_hf_architectures"]
 
 
@@ -63,5 +63,6 @@ def graph_config_from_hf(config, *, split_embeds: bool = False) -> GraphConfig:
     for family in families().values():
         if kind in family.model_types:
             return family.graph_config(config, split_embeds)
-    raise NotImplementedError(f"config: model_type {kind!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
-                              f"is not supported; supported architectures: {', '.join(supported_hf_architectures())}")
+    named = ", ".join(getattr(config, "architectures", None) or [])
+    raise NotImplementedError(f"config: model_type {kind!r}{f' ({named})' if named else ''} is not supported; "
+                              f"supported architectures: {', '.join(supported_hf_architectures())}")
