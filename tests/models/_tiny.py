@@ -18,13 +18,14 @@ from transformers import (
 )
 
 VOCAB, CTX = 61, 24
-NEW_ARCHS = ("mistral",)
+NEW_ARCHS = ("mistral", "qwen3")
 ARCHS = ("gpt2", "llama", "neox", "neox_seq", "qwen2", *NEW_ARCHS)
 _LLAMA_LIKE = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                    intermediate_size=48, max_position_embeddings=CTX)
 # family: (HF class prefix, what differs from _LLAMA_LIKE)
 _NEW = {
     "mistral": ("Mistral", dict(sliding_window=4)),
+    "qwen3": ("Qwen3", dict(head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
 }
 
 
