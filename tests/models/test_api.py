@@ -62,7 +62,7 @@ def test_unsupported_models():
         EdgePrunedModel.from_hf(tiny_model("llama"), split_embeds=True)
 
 
-SUPPORTED = ("GemmaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = ("GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 TINY = dict(vocab_size=10, num_hidden_layers=1, num_attention_heads=2, hidden_size=8)
 
 
