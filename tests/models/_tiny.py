@@ -18,7 +18,7 @@ from transformers import (
 )
 
 VOCAB, CTX = 61, 24
-NEW_ARCHS = ("gemma", "gemma2", "mistral", "qwen3", "phi3")
+NEW_ARCHS = ("gemma", "gemma2", "mistral", "qwen3", "phi3", "olmo2")
 ARCHS = ("gpt2", "llama", "neox", "neox_seq", "qwen2", *NEW_ARCHS)
 _LLAMA_LIKE = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                    intermediate_size=48, max_position_embeddings=CTX)
@@ -30,6 +30,7 @@ _NEW = {
     "mistral": ("Mistral", dict(sliding_window=4)),
     "qwen3": ("Qwen3", dict(head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "phi3": ("Phi3", dict(sliding_window=4, partial_rotary_factor=0.5)),
+    "olmo2": ("Olmo2", {}),
 }
 
 

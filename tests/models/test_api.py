@@ -45,7 +45,7 @@ def test_bad_inputs_are_clear_errors(gpt2):
 
 def test_unsupported_models():
     with pytest.raises(NotImplementedError, match="Linear is not supported; supported architectures: "
-                                                  r"GemmaForCausalLM, .*Qwen3ForCausalLM "
+                                                  r"GemmaForCausalLM, .*GPT2LMHeadModel, .*Qwen3ForCausalLM "
                                                   r"\(and tracr exports"):
         EdgePrunedModel.from_hf(torch.nn.Linear(2, 2))
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8, reorder_and_upcast_attn=True)
@@ -62,7 +62,8 @@ def test_unsupported_models():
         EdgePrunedModel.from_hf(tiny_model("llama"), split_embeds=True)
 
 
-SUPPORTED = ("GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = ("GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM",
+             "MistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 TINY = dict(vocab_size=10, num_hidden_layers=1, num_attention_heads=2, hidden_size=8)
 
 
