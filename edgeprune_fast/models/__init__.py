@@ -10,7 +10,7 @@
     mistral    MistralForCausalLM   Llama with a sliding window on every layer
     olmo2      Olmo2ForCausalLM     post-norms only, q/k norms over all heads' projection
     phi3       Phi3ForCausalLM      fused qkv_proj (one [H + 2K, D, dh] view), sliding window
-    qwen2      Qwen2ForCausalLM     as Llama, with q/k/v biases (sliding-window attention refused)
+    qwen2      Qwen2ForCausalLM     as Llama, with q/k/v biases, sliding windows by layer_types
     qwen3      Qwen3ForCausalLM     Llama with per-head q/k norms, sliding windows by layer_types
     tracr      TracrTransformer     tracr-compiled models (not an HF class; tracr.py loads them)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import CTX, VOCAB, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from edgeprune_fast.model import EdgePrunedModel
 from edgeprune_fast.models import graph_config_from_hf
@@ -54,10 +54,6 @@ def test_unsupported_models():
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8, scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(NotImplementedError, match="scale_attn_by_inverse_layer_idx"):
         EdgePrunedModel.from_hf(GPT2LMHeadModel(cfg))
-    cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=8,
-                      intermediate_size=8, vocab_size=10, use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        EdgePrunedModel.from_hf(Qwen2ForCausalLM(cfg))
     with pytest.raises(ValueError, match="split_embeds: LlamaForCausalLM has no absolute position embedding"):
         EdgePrunedModel.from_hf(tiny_model("llama"), split_embeds=True)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from _slow_reference import slow_forward
 from _tiny import NEW_ARCHS, VOCAB, tiny_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from edgeprune_fast.model import EdgePrunedModel
 
@@ -48,6 +49,27 @@ def test_float64_all_edges_equal_hf_and_random_circuits_equal_slow_reference(arc
             got = pruned(ids, cids if ablation == "corrupted" else None).logits
             torch.testing.assert_close(got, want, atol=TOL64, rtol=0)
             assert (want - model(ids).logits).abs().max() > 1e-2
+
+
+def test_qwen2_sliding_window_layers(one_thread):
+    """Qwen2 with use_sliding_window: the layers from max_window_layers on are windowed."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                      intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=24, initializer_range=0.1,
+                      use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    model = Qwen2ForCausalLM(cfg).double().eval()
+    pruned = EdgePrunedModel.from_hf(model)
+    assert [s.sliding_window for s in pruned.adapter.layers] == [None, 4]
+    ids, cids = _ids(0), _ids(1)
+    with torch.no_grad():
+        pruned.set_circuit(pruned.graph.edges())
+        torch.testing.assert_close(pruned(ids, cids).logits, model(ids).logits, atol=TOL64, rtol=0)
+        everything = {(e.writer, e.reader) for e in pruned.graph.edges()}
+        edges = _random_edges(pruned.graph, 2)
+        pruned.set_circuit(edges)
+        want, _ = slow_forward(model, ids, {(e.writer, e.reader) for e in edges},
+                               ablated=slow_forward(model, cids, everything)[1])
+        torch.testing.assert_close(pruned(ids, cids).logits, want, atol=TOL64, rtol=0)
 
 
 # arch: (sliding window per layer, attention softcap, final softcap, post-norm gain offset or None,
