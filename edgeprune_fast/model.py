@@ -8,12 +8,17 @@ the reference capture, masks.py for the mask parameters. One forward (ARCHITECTU
     per layer l:
       x_a        = edge_mix(log_alpha[a{l}], slots[:W_l], corrupt[:W_l])   [H + 2K, B, S, D]
       q_h        = attn_norm(x_a[h]) @ W_Q[h] + b_Q[h]          (k, v likewise, per KV head)
+                   then q_norm / k_norm where the model has them (per head, or OLMo-2's
+                   over all heads' projection of each reader's input)
       q, k       = the model's rotary (cos/sin from its rotary module, its apply_rotary_pos_emb)
-      z          = scaled_dot_product_attention(q, k, v, causal + padding mask, scale)
+      z          = scaled_dot_product_attention(q, k, v, causal (+ sliding window) + padding
+                   mask, scale); with an attention softcap (Gemma-2) the same written out
       slots[a{l}.h*] = z_h @ W_O[h] + b_O / H                              [H, B, S, D]
+                   (with a post-attention norm: each head's share of RMSNorm(o), writers.py)
       x_m        = edge_mix(log_alpha[m{l}], slots[:W_m], corrupt[:W_m])   (W_m = W_l if parallel)
-      slots[m{l}] = mlp(mlp_norm(x_m))
+      slots[m{l}] = mlp(mlp_norm(x_m))                  (post-MLP norm applied where there is one)
     logits       = unembed(final_norm(edge_mix(log_alpha[resid_post], slots, corrupt)))
+                   (c * tanh(logits / c) with Gemma-2's final softcap c)
 
 ``corrupt`` is the corrupted run's writer states (a constant), None under zero ablation,
 or the mean writer outputs under mean ablation. (As computed, the slots hold each writer's
@@ -25,10 +30,11 @@ corrupted ablation they equal the HF model's on the corrupted input.
 
 Masks: training draws hard-concrete samples (node masks drawn once per forward and shared
 by all readers); eval uses the deterministic masks; ``set_circuit`` fixes exact 0/1 masks.
-Position ids default to ``arange(S)`` for every row, as the HF forward of all four
-supported models does when given only an attention_mask (transformers 5: GPT2Model,
-LlamaModel, GPTNeoXModel and Qwen2Model build ``arange`` and ignore padding); the mask is
-HF's SDPA mask: causal AND key-not-padding (None, with is_causal, when nothing is padded).
+Position ids default to ``arange(S)`` for every row, as the HF forward of every supported
+model does when given only an attention_mask (transformers 5: GPT2Model, LlamaModel,
+GPTNeoXModel, Qwen2Model and the others build ``arange`` and ignore padding); the mask is
+HF's SDPA mask: causal AND key-not-padding (AND the sliding window on windowed layers; None,
+with is_causal, when nothing is padded or windowed).
 Query positions that are themselves padding give meaningless (but finite) logits, as in HF.
 
 Large models (``checkpoint_layers``, ``corrupted_on_cpu``): with per-layer activation
@@ -65,7 +71,7 @@ from .ops import edge_mix, hard_concrete, mix
 from .ops.hard_concrete import draw_seed
 from .ops.params import HardConcreteParams
 from .sharding import fsdp_wrapped
-from .writers import WriterStore, capture_writer_states, embedding_writers, head_writers
+from .writers import WriterStore, capture_writer_states, embedding_writers, head_writers, rms_norm
 
 ABLATIONS = ("corrupted", "zero", "mean")
 
@@ -90,7 +96,8 @@ def _describe(x) -> str:
 
 
 class EdgePrunedModel(nn.Module):
-    """Edge-pruned view of an HF causal LM (GPT-2, Llama, GPT-NeoX/Pythia, Qwen2).
+    """Edge-pruned view of an HF causal LM (GPT-2, Llama, GPT-NeoX/Pythia, Qwen2/3, Mistral, Gemma,
+    Gemma-2, Phi-3, OLMo-2; models/).
 
     Build with :meth:`from_hf` or :meth:`from_pretrained`; call like a module:
     ``out = pruned(input_ids, corrupted_input_ids, attention_mask)`` -> EdgePrunedOutput.
@@ -300,15 +307,23 @@ class EdgePrunedModel(nn.Module):
                              f"{int(position_ids.min())}..{int(position_ids.max())}")
         return position_ids.to(self.adapter.device).long()
 
-    def _sdpa_mask(self, mask: torch.Tensor | None, S: int) -> tuple[torch.Tensor | None, bool]:
-        """(attn_mask [B, 1, S, S] bool or None, is_causal), as HF builds it for SDPA."""
+    def _sdpa_mask(self, mask: torch.Tensor | None, S: int,
+                   window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask [B or 1, 1, S, S] bool or None, is_causal), as HF builds it for SDPA;
+        ``window``: a sliding window (key j seen by query i iff i - window < j <= i)."""
         causal = self.adapter.causal
-        if mask is None or bool(mask.all()):
+        padded = mask is not None and not bool(mask.all())
+        banded = window is not None and window < S
+        if not padded and not banded:
             return None, causal
-        keep = mask.bool()[:, None, None, :]
-        if causal:
-            keep = keep & torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
-        return keep.expand(-1, 1, S, S), False
+        ones = torch.ones(S, S, dtype=torch.bool, device=self.adapter.device)
+        keep = ones.tril() if causal else ones
+        if banded:
+            keep = keep & ~ones.tril(-window)
+        keep = keep[None, None]
+        if padded:
+            keep = keep & mask.bool()[:, None, None, :]
+        return keep, False
 
     # -- reference (unmodified model) ---------------------------------------------------------------
     @torch.no_grad()
@@ -428,7 +443,7 @@ class EdgePrunedModel(nn.Module):
     def _run(self, ids, pos, mask, corrupt, training) -> EdgePrunedOutput:
         a, g, m = self.adapter, self._graph, self.masks
         B, S = ids.shape
-        attn_mask, is_causal = self._sdpa_mask(mask, S)
+        attn_masks = {w: self._sdpa_mask(mask, S, w) for w in {s.sliding_window for s in a.layers}}
         store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
         with self._gathered_root():
             store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
@@ -444,7 +459,7 @@ class EdgePrunedModel(nn.Module):
             noise = (self._noise(2 * layer, training, u_node), self._noise(2 * layer + 1, training, u_node))
             if sh is not None:
                 store.token = sh.enter(sh.layers[layer], store.token)
-            args = (store.token, store, layer, spec, training, noise, rope, attn_mask, is_causal)
+            args = (store.token, store, layer, spec, training, noise, rope, *attn_masks[spec.sliding_window])
             out = checkpoint(self._layer, *args, use_reentrant=False) if recompute else self._layer(*args)
             store.token = out[0] if sh is None else sh.leave(sh.layers[layer], out[0])
             kept += out[1:]
@@ -456,6 +471,8 @@ class EdgePrunedModel(nn.Module):
         if not recompute:  # backward never reads them: freed now unless the caller holds them
             store.release_corrupted()
         logits = a.unembed(h_r)
+        if a.final_softcap is not None:  # Gemma-2, in HF's order
+            logits = torch.tanh(logits / a.final_softcap) * a.final_softcap
         if sh is not None:
             logits = sh.leave(sh.root, logits)
         edge_sp, node_sp = self.sparsity()
@@ -490,7 +507,8 @@ class EdgePrunedModel(nn.Module):
         x, k_a = self._read(2 * layer, store, training, noise[0])  # [H + 2K, B, S, D]
         store.write(self._attention(spec, x, rope, attn_mask, is_causal))
         x_m, k_m = self._read(2 * layer + 1, store, training, noise[1])
-        store.write(spec.mlp(spec.mlp_norm(x_m[0]))[None])
+        y = spec.mlp(spec.mlp_norm(x_m[0]))
+        store.write((y if spec.mlp_post_norm is None else rms_norm(y, spec.mlp_post_norm))[None])
         return store.token, k_a, k_m
 
     def _final(self, token, store: WriterStore, training, noise):
@@ -530,14 +548,46 @@ class EdgePrunedModel(nn.Module):
             y = torch.bmm(part, W) if b is None else torch.baddbmm(b[:, None, :], part, W)
             return y.view(-1, B, S, W.shape[-1]).transpose(0, 1)
 
-        if spec.W_QKV is not None:  # one product for all H + 2K readers; h's gradient comes out whole
+        def project_normed(part, W, b, norm):  # OLMo-2: norm over all n heads' projection of each reader's input
+            m = part.shape[0]
+            y = part.reshape(m, B * S, D) @ W.transpose(1, 2).reshape(-1, D).T  # [m, BS, m*d]: m times the work
+            y = norm(y if b is None else y + b.reshape(-1)).view(m, B * S, m, -1)
+            return y.diagonal(dim1=0, dim2=2).permute(2, 0, 1).reshape(m, B, S, -1).transpose(0, 1)  # reader i, head i
+
+        if spec.qk_norm_over_heads:
+            hq, hk, hv = h.split([H, K, K])
+            q, k = project_normed(hq, spec.W_Q, spec.b_Q, spec.q_norm), project_normed(hk, spec.W_K, spec.b_K, spec.k_norm)
+            v = project(hv, spec.W_V, spec.b_V)
+        elif spec.W_QKV is not None:  # one product for all H + 2K readers; h's gradient comes out whole
             q, k, v = project(h, spec.W_QKV, spec.b_QKV).split([H, K, K], dim=1)
         else:
             hq, hk, hv = h.split([H, K, K])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
             q, k, v = project(hq, spec.W_Q, spec.b_Q), project(hk, spec.W_K, spec.b_K), project(hv, spec.W_V, spec.b_V)
+        if not spec.qk_norm_over_heads:  # Qwen3: per head, over dh
+            q = q if spec.q_norm is None else spec.q_norm(q)
+            k = k if spec.k_norm is None else spec.k_norm(k)
         if rope is not None:
             q, k = self.adapter.apply_rotary(q, k, *rope)
         if K != H:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scale)
-        return head_writers(z, spec.W_O, spec.b_O)
+        if spec.softcap is None:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scale)
+        else:
+            z = softcapped_attention(q, k, v, attn_mask, is_causal, spec.scale, spec.softcap)
+        return head_writers(z, spec.W_O, spec.b_O, post_norm=spec.attn_post_norm)
+
+
+def softcapped_attention(q, k, v, attn_mask: torch.Tensor | None, is_causal: bool, scale: float,
+                         cap: float) -> torch.Tensor:
+    """softmax(mask(cap * tanh(scale q k^T / cap))) v, q/k/v [B, H, S, d] -> z [B, H, S, dv], in
+    the order of HF's eager attention (SDPA has no softcap): the scores [B, H, S, S] are
+    materialised; masked keys get the dtype's lowest value (a query that sees none stays
+    finite); the softmax is float32 (float64 for float64 models)."""
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / cap) * cap
+    if attn_mask is None and is_causal:
+        S = q.shape[-2]
+        attn_mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    p = scores.softmax(-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return p.to(v.dtype) @ v

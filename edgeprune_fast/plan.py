@@ -31,6 +31,8 @@ tests/models/_tiny-like Llama models):
                      MLP read        the norm's input (4 or b N D); a gated MLP keeps its
                                      gate, up and activation outputs (3 b N F); GELU MLPs see
                                      ``_MLP_SAVED``
+                     newer decoders  q/k norms' inputs, softcapped attention's [B, H, S, S]
+                                     scores, post-norm shares (``layer_activations``)
                      resid_post      the final norm's input (4 or b N D)
                      loss            log-softmax of both logits, float32 (2 * 4 N V)
                    all L layers, or one layer being recomputed with checkpoint_layers
@@ -43,7 +45,9 @@ the backward of its MLP read, of its attention norm (``norm_bwd``: the norm's gr
 temporaries over [R, N, D]) and of its attention read. From the first read's backward on,
 the gradient buffer exists; a read's mixing backward makes the clean-writer gradient
 [n, N, D] (the reference backend float32 copies besides, see ``_mix_backward``). Host memory (corrupted states on the CPU) is reported, not counted.
-Model shapes come from an HF config (a meta-device model gives the exact parameter count).
+Model shapes come from an HF config (a meta-device model gives the exact parameter count,
+its adapter what the layers compute) or a known model's name (``KNOWN_MODELS``: Gemma-2-2B
+/ 9B, Mistral-7B, Qwen3-8B, Phi-3-mini, OLMo-2-7B, their config.json values written out).
 """
 
 from __future__ import annotations
@@ -59,6 +63,54 @@ BACKENDS = ("fused", "reference")
 # Saved by the MLP beyond its norm, in units of b*N*F: gated (Llama, Qwen2) gate, up and
 # activation outputs; GPT-2's tanh GELU input, tanh, 0.5x and 1+tanh; GPT-NeoX exact GELU input
 _MLP_SAVED = {"gated": 3, "gelu_new": 4, "gelu": 1}
+QK_NORMS = ("none", "head", "heads")
+
+
+# Released models the planner knows by name (``--model gemma-2-2b``, or the hub id): the values
+# of their config.json on the HF hub, written out (nothing is downloaded); what is not listed
+# is the config class's default, as in those files. Their parameter counts come from a
+# meta-device model, as for any config.
+_GEMMA2 = dict(head_dim=256, vocab_size=256000, max_position_embeddings=8192, query_pre_attn_scalar=256,
+               sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+               rope_theta=10000.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+KNOWN_MODELS: dict[str, tuple[str, dict]] = {
+    "google/gemma-2-2b": ("gemma2", dict(_GEMMA2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                         num_attention_heads=8, num_key_value_heads=4)),
+    "google/gemma-2-9b": ("gemma2", dict(_GEMMA2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                         num_attention_heads=16, num_key_value_heads=8)),
+    "mistralai/Mistral-7B-v0.1": ("mistral", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=32000, max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+        tie_word_embeddings=False)),
+    "Qwen/Qwen3-8B": ("qwen3", dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        use_sliding_window=False, max_window_layers=36, tie_word_embeddings=False)),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)),
+    "allenai/OLMo-2-1124-7B": ("olmo2", dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=500000.0,
+        tie_word_embeddings=False)),
+}
+_SHORT_NAMES = {"mistral-7b": "mistralai/Mistral-7B-v0.1", "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+                "olmo-2-7b": "allenai/OLMo-2-1124-7B"}
+
+
+def known_names() -> list[str]:
+    return [hub.split("/")[-1].lower() for hub in KNOWN_MODELS] + list(_SHORT_NAMES)
+
+
+def known_model(name: str) -> str | None:
+    """The hub id of a known model from its id, the id's last part or a short name, in any case;
+    None if unknown."""
+    key = name.strip().lower()
+    for hub in KNOWN_MODELS:
+        if key in (hub.lower(), hub.split("/")[-1].lower()):
+            return hub
+    return _SHORT_NAMES.get(key)
 
 
 @dataclass(frozen=True)
@@ -76,6 +128,11 @@ class ModelShape:
     split_embeds: bool = False
     n_params: int | None = None
     name: str = "llama-shaped"
+    # what the newer decoders add (models/: LayerSpec), read from the adapter in from_hf_config
+    pre_norms: bool = True  # an RMSNorm/LayerNorm on each reader's input (False: OLMo-2)
+    post_norms: bool = False  # RMSNorms on the attention and MLP outputs (Gemma-2, OLMo-2)
+    qk_norm: str = "none"  # "head": q/k RMSNorms per head (Qwen3); "heads": over all heads (OLMo-2)
+    attn_softcap: bool = False  # attention computed explicitly, its [B, H, S, S] scores kept (Gemma-2)
 
     def __post_init__(self) -> None:
         for f in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp", "vocab"):
@@ -90,6 +147,8 @@ class ModelShape:
                              f"{self.n_heads}; give head_dim")
         if self.mlp not in _MLP_SAVED:
             raise ValueError(f"ModelShape.mlp: expected one of {', '.join(_MLP_SAVED)}, got {self.mlp!r}")
+        if self.qk_norm not in QK_NORMS:
+            raise ValueError(f"ModelShape.qk_norm: expected one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
 
     @property
     def dh(self) -> int:
@@ -119,22 +178,40 @@ class ModelShape:
         """From a transformers config of a supported architecture; the parameter count is
         exact (the model is built on the meta device: no memory, no weights)."""
         import torch
+        from torch import nn
         from transformers import AutoModelForCausalLM
 
-        from .models import graph_config_from_hf
+        from .models import adapter_for, graph_config_from_hf
 
         g = graph_config_from_hf(config, split_embeds=split_embeds)  # ValueError/NotImplementedError if unsupported
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         n_params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+        spec = adapter_for(model).layers[0]  # what the family's layers compute, from its own adapter
         kind = config.model_type
         D = config.hidden_size if kind != "gpt2" else config.n_embd
         H = g.n_heads[0]
         d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * D
         mlp = {"gpt2": "gelu_new", "gpt_neox": "gelu"}.get(kind, "gated")
         head_dim = getattr(config, "head_dim", None) or D // H
+        qk_norm = "none" if spec.q_norm is None else "heads" if spec.qk_norm_over_heads else "head"
         return cls(g.n_layers, H, g.n_kv_heads[0], D, d_mlp, config.vocab_size, head_dim, mlp, split_embeds,
-                   n_params, getattr(config, "name_or_path", "") or kind)
+                   n_params, getattr(config, "name_or_path", "") or kind,
+                   pre_norms=not isinstance(spec.attn_norm, nn.Identity), post_norms=spec.attn_post_norm is not None,
+                   qk_norm=qk_norm, attn_softcap=spec.softcap is not None)
+
+    @classmethod
+    def from_known(cls, name: str, **kwargs) -> ModelShape:
+        """From a known model's name (``KNOWN_MODELS``; e.g. "gemma-2-2b", "Qwen/Qwen3-8B")."""
+        from transformers import AutoConfig
+
+        hub = known_model(name)
+        if hub is None:
+            raise ValueError(f"model: expected one of the known models ({', '.join(known_names())}), got {name!r}")
+        model_type, values = KNOWN_MODELS[hub]
+        config = AutoConfig.for_model(model_type, **values)
+        config.name_or_path = hub
+        return cls.from_hf_config(config, **kwargs)
 
     @classmethod
     def from_path(cls, path: str | Path, **kwargs) -> ModelShape:
@@ -145,8 +222,8 @@ class ModelShape:
         if p.is_file() and p.name.endswith(".json"):
             p = p.parent
         if not (p / "config.json").is_file():
-            raise ValueError(f"model: expected a model directory with a config.json, or a config.json, "
-                             f"got {str(path)!r}")
+            raise ValueError(f"model: expected a model directory with a config.json, a config.json, or a known "
+                             f"model ({', '.join(known_names())}), got {str(path)!r}")
         return cls.from_hf_config(AutoConfig.from_pretrained(str(p), local_files_only=True), **kwargs)
 
 
@@ -243,11 +320,34 @@ def _mix_backward(n: int, R: int, ND: int, b: int, backend: str) -> int:
     return 2 * n * ND * 4 + n * ND * b + R * ND * 4  # measured: two [n, N, D] float32 alive at once
 
 
+def layer_activations(shape: ModelShape, settings: PlanSettings) -> tuple[int, int]:
+    """(attention, MLP) bytes autograd keeps per layer (see the module docstring), with what the
+    newer decoders add: q/k norms' float32 inputs ([N, H + K, dh] per head; OLMo-2's over all
+    heads [H, N, H*dh] + [K, N, K*dh]), an explicit softcapped attention's [B, H, S, S] tanh
+    output (b), softmax (float32) and its cast (b, when b < 4), and a post-attention norm's
+    head outputs [H, N, D] (b) with its float32 sum and scale [N, D] (a post-MLP norm: its
+    float32 input [N, D])."""
+    m, s = shape, settings
+    b, N = DTYPE_BYTES[s.dtype], s.batch * s.seq
+    D, H, K, dh, F = m.d_model, m.n_heads, m.n_kv_heads, m.dh, m.d_mlp
+    ND, R = N * D, H + 2 * K
+    nb = (4 if m.mlp == "gated" else b) if m.pre_norms else 0
+    attn = nb * R * ND + 4 * b * N * H * dh
+    attn += {"none": 0, "head": 4 * N * dh * (H + K), "heads": 4 * N * dh * (H * H + K * K)}[m.qk_norm]
+    if m.attn_softcap:
+        attn += (b + 4 + (b if b < 4 else 0)) * s.batch * H * s.seq ** 2
+    mlp = nb * ND + _MLP_SAVED[m.mlp] * b * N * F
+    if m.post_norms:
+        attn += b * H * ND + 2 * 4 * ND
+        mlp += 4 * ND
+    return attn, mlp
+
+
 def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     """The predicted peak memory per device of one step (see the module docstring)."""
     m, s = shape, settings
     b, N = DTYPE_BYTES[s.dtype], s.batch * s.seq
-    D, H, dh, F, V, L, W = m.d_model, m.n_heads, m.dh, m.d_mlp, m.vocab, m.n_layers, m.n_writers
+    D, H, dh, V, L, W = m.d_model, m.n_heads, m.dh, m.vocab, m.n_layers, m.n_writers
     ND, R, E = N * D, m.n_heads + 2 * m.n_kv_heads, 2 if m.split_embeds else 1
     n_masks = m.n_edges + W
 
@@ -268,13 +368,14 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     grad_buffer = {"writer_states.gradient buffer": W * ND * b}
 
     nb = 4 if m.mlp == "gated" else b  # RMSNorm (Llama, Qwen2) keeps its input in float32, LayerNorm as is
-    attn = nb * R * ND + 4 * b * N * H * dh
-    mlp = nb * ND + _MLP_SAVED[m.mlp] * b * N * F
+    attn, mlp = layer_activations(m, s)
     layer, final, ckpt = attn + mlp, nb * ND, s.checkpoint_layers
     # the attention norm's backward over [R, N, D]: RMSNorm's autograd in float32 holds the output
     # gradient, the gradient through x * rsqrt, x * grad for rsqrt's gradient and pow's 2x * grad at once;
     # LayerNorm's fused backward its input gradient and one temporary
-    norm_bwd = 4 * R * ND * 4 + (R * ND * b if b < 4 else 0) if m.mlp == "gated" else 2 * R * ND * b
+    # (OLMo-2 has no such norm; its widest RMSNorm is q_norm's over [H, N, H*dh], counted alike)
+    normed = R * ND if m.pre_norms else (N * dh * (H * H + m.n_kv_heads ** 2) if m.qk_norm == "heads" else 0)
+    norm_bwd = 4 * normed * 4 + (normed * b if b < 4 else 0) if m.mlp == "gated" else 2 * normed * b
 
     slot_copy = ND * b if s.corrupted_on_cpu else 0  # corrupted states on the CPU come a slot at a time
 
@@ -318,7 +419,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``edgeprune plan``: a model (HF directory / config.json, or shape
     arguments), batch, seq, dtype, number of GPUs and the options."""
     src = parser.add_argument_group("model (a config, or its shape)")
-    src.add_argument("--model", help="model directory written by save_pretrained, or its config.json")
+    src.add_argument("--model", help="model directory written by save_pretrained, its config.json, or a known model: "
+                     + ", ".join(known_names()))
     for name, help_ in (("layers", "number of layers"), ("heads", "attention heads"),
                         ("kv-heads", "KV heads (default: = heads)"), ("d-model", "hidden size"),
                         ("d-mlp", "MLP size (default: 4 d_model)"), ("vocab", "vocabulary size (default 32000)")):
@@ -337,7 +439,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def shape_from_args(args: argparse.Namespace) -> ModelShape:
-    if args.model:
+    if args.model:  # a folder or config.json first: a local folder may share a known model's name
+        path = Path(args.model).expanduser()
+        if not path.exists() and known_model(args.model) is not None:
+            return ModelShape.from_known(args.model)
         return ModelShape.from_path(args.model)
     missing = [f"--{n.replace('_', '-')}" for n in ("layers", "heads", "d_model") if getattr(args, n) is None]
     if missing:

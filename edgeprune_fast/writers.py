@@ -49,6 +49,15 @@ pre-hook on each layer's output projection (its input is z [B, S, H*dv]; the hea
 z_h @ W_O[h] + b_O / H, ARCHITECTURE.md §1) and a forward hook on each MLP. Hooks are added
 inside a context manager that always removes them. Embedding writers are recomputed with
 the model's own embedding modules. States: a tensor [W, B, S, D] in writer order.
+
+**Post-norms** (Gemma-2, OLMo-2: ``LayerSpec.attn_post_norm`` / ``mlp_post_norm``): the
+residual gets RMSNorm(o) of the attention output o = sum_h o_h (o_h = z_h W_O[h] + b_O/H),
+and RMSNorm(mlp output). RMSNorm(o) = g * o / rms(o) is linear in o once rms(o) is fixed,
+so head h's writer is its share g * o_h / rms(o), rms taken over the whole (clean, or
+corrupted) output: the shares sum to the norm's output exactly, and removing head h from
+every reader under zero ablation is the model minus that share. The MLP writer is the
+normed MLP output. Both the pruned forward (``head_writers``, ``rms_norm``) and the capture
+compute them so, in float32 (float64 for float64 models) as HF's RMSNorms do in float32.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from contextlib import contextmanager
 import torch
 
 from .graph import Graph
-from .models import Adapter
+from .models import Adapter, RMSNorm
 
 
 class Slots:
@@ -231,9 +240,23 @@ def embedding_writers(adapter: Adapter, input_ids: torch.Tensor, position_ids: t
     return torch.stack([tok, pos]) if split_embeds else (tok + pos)[None]
 
 
+def rms_norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+    """norm(x) over the last dimension, computed in float32 (float64 for float64 x) and
+    rounded once to x's dtype, in the order HF's Gemma/OLMo-2 RMSNorms use."""
+    xf = x.to(_arithmetic(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return (y * (norm.offset + norm.weight.to(xf.dtype))).to(x.dtype)
+
+
+def _arithmetic(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """z [B, H, S, dv] (any strides) -> writers [H, B, S, D] = z_h W_O[h] + b_O / H.
+                 out: torch.Tensor | None = None, post_norm: RMSNorm | None = None) -> torch.Tensor:
+    """z [B, H, S, dv] (any strides) -> writers [H, B, S, D] = z_h W_O[h] + b_O / H, or with a
+    post-norm each head's share of RMSNorm(o), o = sum_h of those: g * o_h / rms(o) (see the
+    module docstring; rms from all heads, so gradients reach every head through it).
 
     One batched product per head with the bias as its starting value (baddbmm): no separate
     bias pass over the [H, B, S, D] result. ``out`` (no autograd): a contiguous [H, B, S, D]
@@ -246,7 +269,15 @@ def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None,
     else:
         bias = (b_O / H).expand(H, 1, D)
         y = torch.baddbmm(bias, zh, W_O, out=None if out is None else out.view(H, B * S, D))
-    return y.view(H, B, S, D)
+    y = y.view(H, B, S, D)
+    if post_norm is None:
+        return y
+    o = y.sum(0, dtype=_arithmetic(y.dtype))  # [B, S, D]
+    gain = post_norm.offset + post_norm.weight.to(o.dtype)
+    share = torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + post_norm.eps) * gain  # [B, S, D]
+    if out is not None:  # computed in the arithmetic dtype, rounded once into out
+        return torch.mul(y, share, out=y)
+    return (y * share).to(y.dtype)
 
 
 @torch.no_grad()
@@ -272,10 +303,11 @@ def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tenso
         def z_hook(module, args, first=first, H=H, spec=spec):
             z = args[0]  # [B, S, H*dv], the heads concatenated
             z = z.view(*z.shape[:-1], H, -1).transpose(1, 2)
-            head_writers(z, spec.W_O, spec.b_O, out=states[first:first + H])
+            head_writers(z, spec.W_O, spec.b_O, out=states[first:first + H], post_norm=spec.attn_post_norm)
 
-        def mlp_hook(module, args, output, slot=mlp_slot):
-            states[slot] = output[0] if isinstance(output, tuple) else output
+        def mlp_hook(module, args, output, slot=mlp_slot, norm=spec.mlp_post_norm):
+            y = output[0] if isinstance(output, tuple) else output
+            states[slot] = y if norm is None else rms_norm(y, norm)
 
         regs += [(spec.o_proj, "pre", z_hook), (spec.mlp, "post", mlp_hook)]
     with hooks(regs):

@@ -2,6 +2,7 @@
 shape on one 80 GB GPU, the parameter count, bad input and the command-line entry."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-from edgeprune_fast.plan import ModelShape, PlanSettings, add_arguments, plan, run
+from edgeprune_fast.plan import ModelShape, PlanSettings, add_arguments, layer_activations, plan, run
+from tests.models._tiny import NEW_ARCHS, VOCAB, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # as bench/common.py
@@ -133,3 +135,96 @@ def test_run_prints_the_table_and_reads_a_saved_config(tmp_path, capsys):
     assert run(ap.parse_args(["--layers", "40", "--heads", "40", "--d-model", "5120", "--d-mlp", "13824",
                               "--dtype", "float32", "--batch", "64", "--seq", "512", "--json"])) == 1
     assert json.loads(capsys.readouterr().out)["fits"] is False
+
+
+# hub id: (parameters, in billions as the model cards round them), layers, heads, KV heads, what the layers add
+KNOWN = {
+    "google/gemma-2-2b": (2.61, 26, 8, 4, dict(post_norms=True, attn_softcap=True)),
+    "google/gemma-2-9b": (9.24, 42, 16, 8, dict(post_norms=True, attn_softcap=True)),
+    "mistralai/Mistral-7B-v0.1": (7.24, 32, 32, 8, {}),
+    "Qwen/Qwen3-8B": (8.19, 36, 32, 8, dict(qk_norm="head")),
+    "microsoft/Phi-3-mini-4k-instruct": (3.82, 32, 32, 32, {}),
+    "allenai/OLMo-2-1124-7B": (7.30, 32, 32, 32, dict(pre_norms=False, post_norms=True, qk_norm="heads")),
+}
+
+
+@pytest.mark.parametrize("hub", KNOWN)
+def test_known_models_by_name(hub):
+    billions, L, H, K, flags = KNOWN[hub]
+    shape = ModelShape.from_known(hub.split("/")[-1].upper())  # the id's last part, any case
+    assert shape == ModelShape.from_known(hub) and shape.name == hub
+    assert round(shape.params() / 1e9, 2) == billions
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads) == (L, H, K)
+    defaults = dict(pre_norms=True, post_norms=False, qk_norm="none", attn_softcap=False)
+    assert {k: getattr(shape, k) for k in defaults} == defaults | flags
+    if hub == "Qwen/Qwen3-8B":  # its card: 8.2 B, 6.95 B without the (untied) embeddings
+        assert round((shape.params() - 2 * shape.vocab * shape.d_model) / 1e9, 2) == 6.95
+
+
+def test_plan_command_reads_known_names_and_refuses_unknown_ones(capsys):
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    assert run(ap.parse_args(["--model", "gemma-2-2b", "--batch", "8", "--seq", "128"])) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("google/gemma-2-2b: 26 layers, 8 heads (4 KV), d_model 2304, d_mlp 9216, vocab 256000; "
+                          "2.61 B parameters")
+    for name in ("mistral-7b", "phi-3-mini", "olmo-2-7b", "qwen3-8b", "gemma-2-9b"):
+        assert run(ap.parse_args(["--model", name, "--device-gb", "1000"])) == 0
+    with pytest.raises(ValueError, match=r"model: expected a model directory with a config.json, a config.json, "
+                                         r"or a known model \(gemma-2-2b, gemma-2-9b, .*\), got 'gemma-3-1b'"):
+        run(ap.parse_args(["--model", "gemma-3-1b"]))
+
+
+def _saved_per_layer(arch: str, dtype: str, B: int, S: int) -> list[int]:
+    """Bytes autograd keeps in each layer of a training forward (its own tensors: not the
+    weights, not the slot buffer), counted once per storage."""
+    import torch
+
+    from edgeprune_fast.model import EdgePrunedModel
+
+    model = tiny_model(arch, dtype=getattr(torch, dtype))
+    pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0).train()
+    pruned.adapter = dataclasses.replace(pruned.adapter, n_ctx=S)
+    ids, cids = torch.randint(3, VOCAB, (B, S)), torch.randint(3, VOCAB, (B, S))
+    corrupted = pruned.reference(cids)[1]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, layer = [], pruned._layer
+
+    def counted(*args):
+        seen, buffer = {}, args[1].buffer.untyped_storage().data_ptr()
+
+        def pack(t):
+            if (ptr := t.untyped_storage().data_ptr()) not in weights and ptr != buffer:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = layer(*args)
+        saved.append(sum(seen.values()))
+        return out
+
+    pruned._layer = counted
+    pruned(ids, corrupted_writers=corrupted, training=True)
+    return saved
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["llama", *NEW_ARCHS])
+def test_layer_activations_match_a_saved_tensor_audit(arch, dtype, one_thread):
+    """What each family's layer keeps for backward (q/k norms, softcapped attention's scores,
+    post-norm shares) as the planner counts it, against autograd's saved tensors."""
+    B, S = 2, 16
+    shape = ModelShape.from_hf_config(tiny_model(arch).config)
+    predicted = sum(layer_activations(shape, PlanSettings(B, S, dtype)))
+    for measured in _saved_per_layer(arch, dtype, B, S):
+        assert 0.9 <= measured / predicted <= 1.1, (measured, predicted)
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_plan_reads_each_supported_family_from_its_saved_config(arch, tmp_path):
+    config = tiny_model(arch).config
+    config.save_pretrained(tmp_path)
+    shape = ModelShape.from_path(tmp_path)
+    assert shape == dataclasses.replace(ModelShape.from_hf_config(config), name=shape.name)  # name: the folder
+    assert (shape.n_layers, shape.n_heads, shape.d_model) == (2, 4, 32)
+    assert shape.n_params == sum(p.numel() for p in tiny_model(arch).parameters())

@@ -1,10 +1,17 @@
 """The supported model families, one module each (as HF lays out its models), found here.
 
+    gemma      GemmaForCausalLM     Llama's layout, gains 1 + weight, embedding scaled by sqrt(d_model)
+    gemma2     Gemma2ForCausalLM    Gemma with post-attention / post-MLP norms (head writers are shares
+                                    of the normed output), softcaps, alternating sliding windows
     gpt2       GPT2LMHeadModel      learned absolute positions (split_embeds allowed), fused c_attn
-    llama      LlamaForCausalLM     rotary, RMSNorm, grouped-query attention (one k/v reader per KV head)
-    qwen2      Qwen2ForCausalLM     as Llama, with q/k/v biases (sliding-window attention refused)
     gpt_neox   GPTNeoXForCausalLM   partial rotary, per-head interleaved query_key_value, parallel
                                     attention + MLP when ``use_parallel_residual``
+    llama      LlamaForCausalLM     rotary, RMSNorm, grouped-query attention (one k/v reader per KV head)
+    mistral    MistralForCausalLM   Llama with a sliding window on every layer
+    olmo2      Olmo2ForCausalLM     post-norms only, q/k norms over all heads' projection
+    phi3       Phi3ForCausalLM      fused qkv_proj (one [H + 2K, D, dh] view), sliding window
+    qwen2      Qwen2ForCausalLM     as Llama, with q/k/v biases, sliding windows by layer_types
+    qwen3      Qwen3ForCausalLM     Llama with per-head q/k norms, sliding windows by layer_types
     tracr      TracrTransformer     tracr-compiled models (not an HF class; tracr.py loads them)
 
 Every module of this package other than ``base`` exports ``FAMILY`` (a base.Family); adding
@@ -22,9 +29,9 @@ import pkgutil
 from torch import nn
 
 from ..graph import GraphConfig
-from .base import Adapter, Family, LayerSpec
+from .base import Adapter, Family, LayerSpec, RMSNorm
 
-__all__ = ["Adapter", "Family", "LayerSpec", "adapter_for", "families", "graph_config_from_hf",
+__all__ = ["Adapter", "Family", "LayerSpec", "RMSNorm", "adapter_for", "families", "graph_config_from_hf",
            "supported_hf_architectures"]
 
 
@@ -63,5 +70,6 @@ def graph_config_from_hf(config, *, split_embeds: bool = False) -> GraphConfig:
     for family in families().values():
         if kind in family.model_types:
             return family.graph_config(config, split_embeds)
-    raise NotImplementedError(f"config: model_type {kind!r} ({', '.join(getattr(config, 'architectures', None) or [])}) "
-                              f"is not supported; supported architectures: {', '.join(supported_hf_architectures())}")
+    named = ", ".join(getattr(config, "architectures", None) or [])
+    raise NotImplementedError(f"config: model_type {kind!r}{f' ({named})' if named else ''} is not supported; "
+                              f"supported architectures: {', '.join(supported_hf_architectures())}")

@@ -21,6 +21,8 @@ finds the families and picks one by the model's class (``adapter_for``) or its c
     apply_rotary    (q [B,H,S,dh], k [B,K,S,dh], cos, sin) -> (q, k), the model's function
     final_norm      module applied to resid_post's input (nn.Identity() if none)
     unembed         module [.., D] -> [.., n_out] (logits, or tracr's numeric/categorical outputs)
+    final_softcap   c: the logits are c * tanh(unembed(..) / c) (Gemma-2's final-logit
+                    softcapping), or None
     causal          False for bidirectional attention (tracr)
     parallel_mlp    True when the MLP reads the layer's input, not the attention's output
     full_forward    (input_ids, attention_mask, position_ids) -> logits of the unmodified model
@@ -53,6 +55,18 @@ from ..graph import GraphConfig
 
 
 @dataclass(frozen=True, eq=False)
+class RMSNorm:
+    """An RMSNorm as data: y = (offset + weight) * x / sqrt(mean(x^2) + eps) over the last
+    dimension. weight [D] is a view of the model's parameter; offset 1 for Gemma's
+    ``1 + weight`` gain, 0 otherwise. writers.rms_norm computes it (in float32, float64 for
+    float64 models); the writers of a post-normed attention are its per-head shares."""
+
+    weight: torch.Tensor
+    eps: float
+    offset: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
 class LayerSpec:
     """One layer. Weights are views of the model's parameters in the ``x @ W`` convention
     (no copies; H query heads, K KV heads, D model width, dh/dv head widths)::
@@ -68,8 +82,20 @@ class LayerSpec:
     block: the module that holds all of the layer's parameters (the decoder layer; the unit
     FSDP shards, sharding.py), or None.
     W_QKV [H + 2K, D, dh], b_QKV [H + 2K, dh] or None: optional, W_Q | W_K | W_V as one view
-    where the model stores them so (GPT-2's fused c_attn; dh == dv), so that the attention
-    readers' projections are one batched product (no split, no concatenated gradient)."""
+    where the model stores them so (GPT-2's c_attn, Phi-3's qkv_proj; dh == dv), so that the
+    attention readers' projections are one batched product (no split, no concatenated gradient).
+
+    Optional parts of the newer decoders (all None / False: the GPT-2 / Llama block):
+    q_norm / k_norm: modules applied to the projected queries / keys before rotary: per head
+    over dh (Qwen3: [.., dh] -> [.., dh]), or, with ``qk_norm_over_heads``, over the whole
+    projection of all heads (OLMo-2: [.., H*dh] -> [.., H*dh], K*dh for keys), so that each
+    reader projects its own input with every head's weights and keeps its head's slice.
+    attn_post_norm / mlp_post_norm: an :class:`RMSNorm` the attention output o = sum_h o_h /
+    the MLP output goes through before the residual (Gemma-2, OLMo-2); the writer a{l}.h{h}
+    is then head h's share g * o_h / rms(o), m{l} the normed MLP output (writers.py).
+    softcap: attention logits become c * tanh(scores / c) (Gemma-2), or None.
+    sliding_window: w, keys more than w - 1 positions before the query are masked (as HF's
+    sliding_window_overlay: key j is seen by query i iff i - w < j <= i), or None."""
 
     attn_norm: nn.Module
     mlp_norm: nn.Module
@@ -87,6 +113,13 @@ class LayerSpec:
     W_QKV: torch.Tensor | None = None
     b_QKV: torch.Tensor | None = None
     block: nn.Module | None = None
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    qk_norm_over_heads: bool = False
+    attn_post_norm: RMSNorm | None = None
+    mlp_post_norm: RMSNorm | None = None
+    softcap: float | None = None
+    sliding_window: int | None = None
 
     @property
     def n_heads(self) -> int:
@@ -115,6 +148,7 @@ class Adapter:
     full_forward: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
     causal: bool = True
     parallel_mlp: bool = False
+    final_softcap: float | None = None
     reference_fn: Callable | None = None
     body_forward: Callable | None = None
     layer_fn: Callable[[int], LayerSpec] | None = None
@@ -192,3 +226,9 @@ def rotary_graph_config(config, split_embeds: bool, *, parallel_mlp: bool = Fals
     kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return GraphConfig(config.num_hidden_layers, config.num_attention_heads, kv, False, parallel_mlp)
 
+
+
+def rms_norm_of(module: nn.Module, offset: float = 0.0) -> RMSNorm:
+    """An HF RMSNorm module as :class:`RMSNorm` (its eps is ``eps`` or ``variance_epsilon``)."""
+    eps = getattr(module, "eps", None)
+    return RMSNorm(module.weight, float(module.variance_epsilon if eps is None else eps), offset)

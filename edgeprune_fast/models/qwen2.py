@@ -1,21 +1,21 @@
-"""Qwen2 (``Qwen2ForCausalLM``): Llama's layout with q/k/v biases; sliding-window attention
-is refused (no layer of Qwen2.5's released configs uses it)."""
+"""Qwen2 (``Qwen2ForCausalLM``): Llama's layout with q/k/v biases, and sliding-window layers
+where ``config.layer_types`` marks them (``use_sliding_window``; none in Qwen2.5's released
+configs)."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from .base import Adapter, Family, rotary_graph_config
-from .llama import llama_like_adapter
+from .llama import layer_types_window, llama_layer, llama_like_adapter
+
+
+def _layer(model: nn.Module, i: int):
+    return llama_layer(model, i, sliding_window=layer_types_window(model.config, i))
 
 
 def adapter(model: nn.Module) -> Adapter:
-    cfg = model.config
-    sliding = [i for i, t in enumerate(getattr(cfg, "layer_types", None) or []) if t == "sliding_attention"]
-    if getattr(cfg, "use_sliding_window", False) or sliding:
-        raise NotImplementedError(f"Qwen2ForCausalLM with sliding-window attention is not supported "
-                                  f"(config.use_sliding_window={cfg.use_sliding_window}, sliding layers {sliding})")
-    return llama_like_adapter(model, "Qwen2ForCausalLM")
+    return llama_like_adapter(model, "Qwen2ForCausalLM", _layer)
 
 
 FAMILY = Family(classes=("Qwen2ForCausalLM",), adapter=adapter, model_types=("qwen2",),

@@ -3,14 +3,23 @@
 Written from the maths (ARCHITECTURE.md §1-2), not from the package: every reader's input
 is an explicit Python sum over its upstream writers of the clean output (edge kept) or the
 ablated one (edge removed: the corrupted run's output, or 0). It uses the HF model's own
-full projections (sliced per head afterwards), its rotary function and eager attention.
+full projections (sliced per head afterwards), its norm modules on the readers' inputs and
+on q/k (OLMo-2's over the whole projection, then sliced), its rotary function and eager
+attention written out here (softcap, sliding window, padding). What the HF model does beyond
+Llama is written from the maths here too: Gemma's sqrt(d_model) embedding scale, the
+post-norm head writers g * o_h / rms(o) and normed MLP writers (Gemma-2, OLMo-2), and the
+final-logit softcap.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
+
+LLAMA_LAYOUT = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "GemmaForCausalLM",
+                "Gemma2ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM")
 
 
 def parts(model):
@@ -19,7 +28,7 @@ def parts(model):
     if name == "GPT2LMHeadModel":
         t = model.transformer
         return "gpt2", t, t.h, t.ln_f, None
-    if name in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
+    if name in LLAMA_LAYOUT:
         b = model.model
         return "llama", b, b.layers, b.norm, b.rotary_emb
     if name == "GPTNeoXForCausalLM":
@@ -45,6 +54,55 @@ def names(model, split_embeds=False):
     return writers, layers
 
 
+def rms_normed(x, gain, eps):
+    """gain * x / sqrt(mean(x^2) + eps) over the last dimension."""
+    return gain * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def _eps(norm):
+    return norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+
+
+def _llama_layout(model, blk):
+    """What a Llama-layout layer reads and writes: (norm1, norm2, proj, o_w, o_b, scale, softcap,
+    window, attn post-norm (gain, eps) or None, mlp post-norm or None)."""
+    cfg, name, at = model.config, type(model).__name__, blk.self_attn
+    H, K = cfg.num_attention_heads, cfg.num_key_value_heads
+    dh = at.head_dim
+    identity = lambda x: x  # noqa: E731
+    norm1 = identity if name == "Olmo2ForCausalLM" else blk.input_layernorm
+    norm2 = {"Gemma2ForCausalLM": getattr(blk, "pre_feedforward_layernorm", None),
+             "Olmo2ForCausalLM": identity}.get(name, blk.post_attention_layernorm)
+
+    def proj(x, which, i):
+        if name == "Phi3ForCausalLM":  # qkv_proj output [q (H*dh) | k (K*dh) | v (K*dh)]
+            start = (0, H * dh, (H + K) * dh)[which]
+            return at.qkv_proj(x)[..., start + i * dh:start + (i + 1) * dh]
+        y = (at.q_proj, at.k_proj, at.v_proj)[which](x)
+        norm = (getattr(at, "q_norm", None), getattr(at, "k_norm", None), None)[which]
+        if norm is not None and name == "Olmo2ForCausalLM":  # over every head's projection, then sliced
+            return norm(y)[..., i * dh:(i + 1) * dh]
+        y = y[..., i * dh:(i + 1) * dh]
+        return y if norm is None else norm(y)  # Qwen3: each head's q/k over dh
+
+    def o_w(h):
+        return at.o_proj.weight[:, h * dh:(h + 1) * dh].T
+
+    softcap = getattr(cfg, "attn_logit_softcapping", None) if name == "Gemma2ForCausalLM" else None
+    types = getattr(cfg, "layer_types", None)
+    if name in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        window = cfg.sliding_window
+    elif types is not None and types[at.layer_idx] == "sliding_attention":
+        window = cfg.sliding_window
+    else:
+        window = None
+    post = None
+    if name in ("Gemma2ForCausalLM", "Olmo2ForCausalLM"):
+        offset = 1.0 if name == "Gemma2ForCausalLM" else 0.0
+        post = [(offset + n.weight, _eps(n)) for n in (blk.post_attention_layernorm, blk.post_feedforward_layernorm)]
+    return (norm1, norm2, proj, o_w, at.o_proj.bias, at.scaling, softcap, window, *(post or (None, None)))
+
+
 def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None):
     """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero).
     attention_mask [B, S] (1 = token): padded keys are masked; positions stay arange(S) as in HF;
@@ -65,12 +123,16 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             y["tok_embeds"], y["pos_embeds"] = tok, pe
         else:
             y["embeds"] = tok + pe
+    elif arch == "llama":
+        w = base.embed_tokens.weight
+        gemma = type(model).__name__ in ("GemmaForCausalLM", "Gemma2ForCausalLM")  # sqrt(D), rounded to the dtype
+        y["embeds"] = w[ids] * torch.tensor(math.sqrt(D), dtype=w.dtype) if gemma else w[ids]
     else:
-        y["embeds"] = (base.embed_tokens if arch == "llama" else base.embed_in)(ids)
+        y["embeds"] = base.embed_in(ids)
     parallel = arch == "neox" and cfg.use_parallel_residual
 
     def read(reader, n_upstream):
-        x = torch.zeros(B, S, D)
+        x = torch.zeros(B, S, D, dtype=y[writers[0]].dtype)
         for w in writers[:n_upstream]:
             if (w, reader) in kept:
                 x = x + y[w]
@@ -80,6 +142,7 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
 
     for layer, blk in enumerate(blocks):
         q_names, k_names, v_names, n_up = layers[layer]
+        softcap = window = attn_post = mlp_post = None
         if arch == "gpt2":
             norm1, norm2, at = blk.ln_1, blk.ln_2, blk.attn
 
@@ -89,14 +152,8 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             o_w = lambda h, at=at: at.c_proj.weight[h * dh:(h + 1) * dh, :]  # noqa: E731
             o_b, scale = at.c_proj.bias, at.scaling
         elif arch == "llama":
-            norm1, norm2, at = blk.input_layernorm, blk.post_attention_layernorm, blk.self_attn
-
-            def proj(x, which, i, at=at):
-                lin = (at.q_proj, at.k_proj, at.v_proj)[which]
-                return lin(x)[..., i * dh:(i + 1) * dh]
-
-            o_w = lambda h, at=at: at.o_proj.weight[:, h * dh:(h + 1) * dh].T  # noqa: E731
-            o_b, scale = at.o_proj.bias, at.scaling
+            at = blk.self_attn
+            norm1, norm2, proj, o_w, o_b, scale, softcap, window, attn_post, mlp_post = _llama_layout(model, blk)
         else:
             norm1, norm2, at = blk.input_layernorm, blk.post_attention_layernorm, blk.attention
 
@@ -107,7 +164,7 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             o_b, scale = at.dense.bias, at.scaling
         ks = [proj(norm1(read(r, n_up)), 1, g) for g, r in enumerate(k_names)]
         vs = [proj(norm1(read(r, n_up)), 2, g) for g, r in enumerate(v_names)]
-        heads = {}
+        outs = []
         for h, r in enumerate(q_names):
             q, k, v = proj(norm1(read(r, n_up)), 0, h), ks[h // (H // K)], vs[h // (H // K)]
             if rotary is not None:
@@ -116,17 +173,28 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
                 q, k = fn(q[:, None], k[:, None], cos, sin)
                 q, k = q[:, 0], k[:, 0]
             scores = q @ k.transpose(-1, -2) * scale
-            allowed = torch.ones(S, S, dtype=torch.bool).tril()
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+            allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
             if attention_mask is not None:
                 allowed = allowed & attention_mask.bool()[:, None, :]
             scores = scores.masked_fill(~allowed, float("-inf"))
             z = scores.softmax(-1).nan_to_num(0.0) @ v
-            heads[f"a{layer}.h{h}"] = z @ o_w(h) + (0 if o_b is None else o_b / H)
+            outs.append(z @ o_w(h) + (0 if o_b is None else o_b / H))
+        if attn_post is not None:  # each head's share of RMSNorm(o), o the whole attention output
+            gain, eps = attn_post
+            rms = torch.sqrt((sum(outs) ** 2).mean(-1, keepdim=True) + eps)
+            outs = [gain * o / rms for o in outs]
+        heads = {f"a{layer}.h{h}": o for h, o in enumerate(outs)}
         if parallel:  # the MLP reads the same writers as the attention
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up)))
             y.update(heads)
         else:
             y.update(heads)
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up + H)))
+        if mlp_post is not None:
+            y[f"m{layer}"] = rms_normed(y[f"m{layer}"], *mlp_post)
     logits = model.lm_head(final_norm(read("resid_post", len(writers))))
-    return logits, y
+    cap = getattr(cfg, "final_logit_softcapping", None) if type(model).__name__ == "Gemma2ForCausalLM" else None
+    return (logits if cap is None else cap * torch.tanh(logits / cap)), y

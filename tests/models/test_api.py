@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny import CTX, VOCAB, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from edgeprune_fast.model import EdgePrunedModel
+from edgeprune_fast.models import graph_config_from_hf
 
 
 def _ids(B=2, S=6, seed=0):
@@ -44,29 +45,46 @@ def test_bad_inputs_are_clear_errors(gpt2):
 
 def test_unsupported_models():
     with pytest.raises(NotImplementedError, match="Linear is not supported; supported architectures: "
-                                                  "GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM "
+                                                  r"GemmaForCausalLM, .*GPT2LMHeadModel, .*Qwen3ForCausalLM "
                                                   r"\(and tracr exports"):
         EdgePrunedModel.from_hf(torch.nn.Linear(2, 2))
-    from transformers import OPTConfig, OPTForCausalLM
-
-    opt = OPTForCausalLM(OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=8,
-                                   word_embed_proj_dim=8, vocab_size=10, max_position_embeddings=8))
-    with pytest.raises(NotImplementedError, match=r"OPTForCausalLM is not supported; supported architectures: "
-                                                  r"GPT2LMHeadModel, .*Qwen2ForCausalLM$") as err:
-        EdgePrunedModel.from_hf(opt)
-    assert "racr" not in str(err.value)  # an HF model is not offered the tracr loader
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8, reorder_and_upcast_attn=True)
     with pytest.raises(NotImplementedError, match="reorder_and_upcast_attn"):
         EdgePrunedModel.from_hf(GPT2LMHeadModel(cfg))
     cfg = GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10, n_positions=8, scale_attn_by_inverse_layer_idx=True)
     with pytest.raises(NotImplementedError, match="scale_attn_by_inverse_layer_idx"):
         EdgePrunedModel.from_hf(GPT2LMHeadModel(cfg))
-    cfg = Qwen2Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=8,
-                      intermediate_size=8, vocab_size=10, use_sliding_window=True, sliding_window=4, max_window_layers=0)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        EdgePrunedModel.from_hf(Qwen2ForCausalLM(cfg))
     with pytest.raises(ValueError, match="split_embeds: LlamaForCausalLM has no absolute position embedding"):
         EdgePrunedModel.from_hf(tiny_model("llama"), split_embeds=True)
+
+
+SUPPORTED = ("GemmaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "LlamaForCausalLM",
+             "MistralForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+TINY = dict(vocab_size=10, num_hidden_layers=1, num_attention_heads=2, hidden_size=8)
+
+
+@pytest.mark.parametrize("name,config", [
+    ("GPTJ", dict(vocab_size=10, n_layer=1, n_head=2, n_embd=8, rotary_dim=2)),
+    ("OPT", dict(vocab_size=10, num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=8,
+                 word_embed_proj_dim=8)),
+    ("Bloom", dict(vocab_size=10, n_layer=1, n_head=2, hidden_size=8)),
+    ("Falcon", TINY),
+    ("Mixtral", TINY | dict(num_key_value_heads=1, intermediate_size=8, num_local_experts=2)),
+])
+def test_unsupported_hf_architectures_are_refused_naming_the_supported(name, config):
+    import transformers
+
+    model = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**config))
+    with pytest.raises(NotImplementedError, match=f"model: {name}ForCausalLM is not supported; supported "
+                                                  "architectures: ") as err:
+        EdgePrunedModel.from_hf(model)
+    assert all(c in str(err.value) for c in SUPPORTED)
+    assert "racr" not in str(err.value)  # an HF model is not offered the tracr loader
+    with pytest.raises(NotImplementedError, match=f"config: model_type '{model.config.model_type}' "
+                                                  f"\\({name}ForCausalLM\\) is not supported; supported ") as err:
+        model.config.architectures = [f"{name}ForCausalLM"]  # as save_pretrained writes it
+        graph_config_from_hf(model.config)  # what `plan --model DIR` reads
+    assert all(c in str(err.value) for c in SUPPORTED)
 
 
 def test_unknown_circuit_edge_names_it(gpt2):

@@ -20,7 +20,7 @@ def _step(pruned: EdgePrunedModel, ids, cids, target, seed: int):
     return out, loss.detach(), grads
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])  # gemma2: post-norm shares, softcaps recomputed
 @pytest.mark.parametrize("node_masks", [True, False])
 def test_checkpointed_equals_plain(arch, node_masks):
     hf = tiny_model(arch)
