@@ -124,12 +124,7 @@ def discretise(edge_scores: torch.Tensor, n_keep: int, *, node_scores: torch.Ten
 def _graph_from_dict(d: Mapping[str, Any] | None) -> Graph | None:
     if d is None:
         return None
-    try:
-        return Graph(GraphConfig(int(d["n_layers"]), tuple(d["n_heads"]), tuple(d["n_kv_heads"]),
-                                 bool(d.get("split_embeds", False)), bool(d.get("parallel_mlp", False))))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"graph: expected a GraphConfig dict (n_layers, n_heads, n_kv_heads, split_embeds, "
-                         f"parallel_mlp), got {dict(d)!r:.200} ({exc})") from None
+    return Graph(GraphConfig.from_dict(d))
 
 
 def circuit_nodes(graph: Graph | None, edges: Iterable[Edge]) -> tuple[str, ...]:

@@ -101,7 +101,7 @@ class EdgePrunedModel(nn.Module):
     def __init__(self, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                  ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
                  init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
-                 corrupted_on_cpu: bool = False) -> None:
+                 corrupted_on_cpu: bool = False, kv_per_query_head: bool = False) -> None:
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
@@ -121,7 +121,8 @@ class EdgePrunedModel(nn.Module):
         self.ablation = ablation
         heads = tuple(s.n_heads for s in adapter.layers)
         kv = tuple(s.n_kv_heads for s in adapter.layers)
-        self._graph = Graph(GraphConfig(adapter.n_layers, heads, kv, split_embeds, adapter.parallel_mlp))
+        self._graph = Graph(GraphConfig(adapter.n_layers, heads, kv, split_embeds, adapter.parallel_mlp,
+                                        kv_per_query_head))
         self.masks = EdgeMasks(self._graph, node_masks=node_masks, init=init, init_std=init_std, params=params,
                                device=adapter.device)
         self.checkpoint_layers = bool(checkpoint_layers)
@@ -139,16 +140,19 @@ class EdgePrunedModel(nn.Module):
     def from_hf(cls, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                 ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
                 init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
-                corrupted_on_cpu: bool = False) -> EdgePrunedModel:
+                corrupted_on_cpu: bool = False, kv_per_query_head: bool = False) -> EdgePrunedModel:
         """Wrap a loaded HF causal LM (its modules and weights are reused and frozen; it is put
         in eval mode). ``init``/``init_std``: log_alpha ~ N(init, init_std). ``checkpoint_layers``:
         recompute each layer in backward (see the module docstring); ``corrupted_on_cpu``: keep
-        the corrupted writer states in host memory, streamed to the device per read."""
+        the corrupted writer states in host memory, streamed to the device per read.
+        ``kv_per_query_head``: under grouped-query attention, one k and one v reader per query
+        head (MIB's graph, graph.py) instead of one per KV head."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a loaded HF causal LM (nn.Module), got {_describe(model)}")
         return cls(model, split_embeds=split_embeds, node_masks=node_masks, ablation=ablation,
                    mean_writers=mean_writers, init=init, init_std=init_std, params=params,
-                   checkpoint_layers=checkpoint_layers, corrupted_on_cpu=corrupted_on_cpu)
+                   checkpoint_layers=checkpoint_layers, corrupted_on_cpu=corrupted_on_cpu,
+                   kv_per_query_head=kv_per_query_head)
 
     def gradient_checkpointing(self, enable: bool = True) -> EdgePrunedModel:
         """Turn per-layer activation checkpointing on or off (see the module docstring)."""
@@ -499,24 +503,27 @@ class EdgePrunedModel(nn.Module):
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:
-        """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]."""
+        """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]
+        (x [3H, B, S, D] with k/v readers per query head)."""
         H, K = spec.n_heads, spec.n_kv_heads
+        per_query = self._graph.config.kv_per_query_head and K != H
         h = spec.attn_norm(x)
         n, B, S, D = h.shape
 
-        def project(part, W, b):  # [n, B, S, D] @ [n, D, d] -> [B, n, S, d], the bias as the product's start
-            part = part.reshape(part.shape[0], B * S, D)
+        def project(part, W, b):  # [n*r, B, S, D] @ [n, D, d] -> [B, n*r, S, d], the bias as the product's start
+            part = part.reshape(W.shape[0], -1, D)  # r readers per weight (r = H/K per-query k/v, else 1): no copy
             y = torch.bmm(part, W) if b is None else torch.baddbmm(b[:, None, :], part, W)
             return y.view(-1, B, S, W.shape[-1]).transpose(0, 1)
 
-        if spec.W_QKV is not None:  # one product for all H + 2K readers; h's gradient comes out whole
+        if spec.W_QKV is not None and not per_query:  # one product for all H + 2K readers; h's gradient comes out whole
             q, k, v = project(h, spec.W_QKV, spec.b_QKV).split([H, K, K], dim=1)
         else:
-            hq, hk, hv = h.split([H, K, K])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
+            R = H if per_query else K
+            hq, hk, hv = h.split([H, R, R])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
             q, k, v = project(hq, spec.W_Q, spec.b_Q), project(hk, spec.W_K, spec.b_K), project(hv, spec.W_V, spec.b_V)
         if rope is not None:
             q, k = self.adapter.apply_rotary(q, k, *rope)
-        if K != H:
+        if K != H and not per_query:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scale)
         return head_writers(z, spec.W_O, spec.b_O)
