@@ -31,6 +31,38 @@ def sparsity(text: str) -> float:
     return value
 
 
+def percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_selection_options(p: argparse.ArgumentParser) -> None:
+    """How an EAP-IG/MIB file becomes a circuit of the model: top-n of a score file, grouped k/v."""
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--top-n", type=non_negative_int, default=None,
+                     help="score files: keep the N edges with the largest |score| (EAP-IG's apply_topn, then prune)")
+    sel.add_argument("--top-percent", type=percent, default=None,
+                     help="score files: keep P %% of the file's edges (floor) with the largest |score|")
+    p.add_argument("--gqa", choices=["strict", "union", "intersection"], default="strict",
+                   help="a per-query-head file (MIB's) on a grouped graph: refuse heads of a KV group that disagree "
+                        "(default), or keep a grouped edge if any / all of its heads have it")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -71,6 +103,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation", choices=["corrupted", "zero", "mean"], default="corrupted",
                    help="what a removed edge carries: the corrupted run's value (default), zero, or the mean")
     p.add_argument("--split-embeds", action="store_true", help="separate token and position embedding nodes")
+    p.add_argument("--kv-per-query-head", action="store_true",
+                   help="grouped-query models: one k and one v reader per query head (MIB's graph) instead of per KV head")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--examples", type=positive_int, default=256, help="examples to generate (generated tasks)")
     p.add_argument("--seed", type=int, default=0)
@@ -129,6 +163,7 @@ def load_model(args: Namespace, on_device=None, **kwargs):
     dtype = torch_dtype(getattr(args, "dtype", "float32"))
     kwargs.setdefault("checkpoint_layers", getattr(args, "checkpoint_layers", False))
     kwargs.setdefault("corrupted_on_cpu", getattr(args, "corrupted_on_cpu", False))
+    kwargs.setdefault("kv_per_query_head", getattr(args, "kv_per_query_head", False))
     try:
         return EdgePrunedModel.from_pretrained(args.model, dtype=dtype, device=on_device, **kwargs)
     except OSError as exc:
@@ -139,10 +174,9 @@ def load_model(args: Namespace, on_device=None, **kwargs):
 # -- results --------------------------------------------------------------------------------------------
 def effective_scores(model):
     """min(edge log_alpha, its writer's node log_alpha): a per-edge importance for export."""
-    import torch
+    from ..ranking import effective_scores as scores_of
 
-    scores, nodes = model.edge_scores(), model.node_scores()
-    return scores if nodes is None else torch.minimum(scores, nodes[model.edge_writer_index()])
+    return scores_of(model.masks)
 
 
 def print_metrics(circuit, out=None) -> None:
@@ -166,14 +200,20 @@ def write_circuit_files(folder: Path, model, circuit, picture: str) -> list[Path
 
     from ..draw import draw_circuit
     from ..formats import save_eap_ig
+    from ..ranking import export_scores
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [circuit.save(folder / "circuit.json")]
-    scores = dict(zip(model.graph.edges(), torch.sigmoid(effective_scores(model)).tolist()))
+    # scores that rank the circuit's edges first, then every other edge by its effective score
+    edges = model.graph.edges()
+    in_circuit = torch.zeros(len(edges), dtype=torch.bool)
+    index = {e: i for i, e in enumerate(edges)}
+    in_circuit[[index[e] for e in circuit.edge_list()]] = True
+    scores = dict(zip(edges, export_scores(effective_scores(model), in_circuit).tolist()))
     try:
         files.append(save_eap_ig(folder / "circuit.eap-ig.json", model.graph, circuit.edge_list(), scores,
                                  d_model=model.adapter.d_model))
-    except ValueError as exc:  # per-layer head counts: the EAP-IG format cannot hold the graph
+    except ValueError as exc:  # per-layer head counts, or split embeddings the one input node cannot hold
         print(f"note: no EAP-IG file: {exc}", file=sys.stderr)
     model.save_masks(folder / "masks.safetensors")
     files.append(folder / "masks.safetensors")
