@@ -93,7 +93,8 @@ def add_task_source(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="a task name: ioi, greater-than, gendered-pronouns")
     src.add_argument("--data", type=Path, help="JSONL of {\"clean\": ..., \"corrupted\": ...} lines with the "
-                     "predicted span in <predict>...</predict> (optional \"split\")")
+                     "predicted span in <predict>...</predict> (optional \"split\"), or a local copy of a MIB data "
+                     "set (its rows, file or folder)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -148,8 +149,9 @@ def load_task(args: Namespace, tokenizer):
     from ..tasks import get_task
 
     if args.data is not None:
-        if not args.data.is_file():
-            raise UsageError(f"--data: expected a JSONL file, {str(args.data)!r} does not exist")
+        if not args.data.exists():
+            raise UsageError(f"--data: expected a JSONL file (or a local copy of a MIB data set), {str(args.data)!r} "
+                             f"does not exist")
         return get_task(args.data, tokenizer)
     return get_task(args.task, tokenizer, n_examples=getattr(args, "examples", None), seed=args.seed)
 
