@@ -21,34 +21,25 @@ PICTURE_NAME = "circuit"
 
 
 # -- argument types -----------------------------------------------------------------------------------
-def sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 2), got {text!r}") from None
-    if not 0.0 <= value < 2.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 2), got {value}")
-    return value
+def _bounded(name: str, convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` when ``ok`` of it, else one message saying what was expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {text!r}") from None
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"expected a percentage in [0, 100], got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+sparsity = _bounded("sparsity", float, lambda v: 0.0 <= v < 2.0, "a number in [0, 2)")
+percent = _bounded("percent", float, lambda v: 0.0 <= v <= 100.0, "a percentage in [0, 100]")
+positive_int = _bounded("positive_int", int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _bounded("non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
 
 
 def add_selection_options(p: argparse.ArgumentParser) -> None:
@@ -61,16 +52,6 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gqa", choices=["strict", "union", "intersection"], default="strict",
                    help="a per-query-head file (MIB's) on a grouped graph: refuse heads of a KV group that disagree "
                         "(default), or keep a grouped edge if any / all of its heads have it")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def model_dir(text: str) -> Path:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,11 @@ def scores_on_mib_graph(graph: Graph, scores: torch.Tensor, *, split_embeds: str
         writers = [TOK_EMBEDS, POS_EMBEDS] if e.writer == EMBEDS and c.split_embeds else [e.writer]
         src.append([index[Edge(w, reader)] for w in writers])
     s = scores.detach().float().cpu()
-    out = torch.stack([s[torch.tensor([i[0] for i in src])], s[torch.tensor([i[-1] for i in src])]]).amax(0)
-    return target, out
+    first, last = s[torch.tensor([i[0] for i in src])], s[torch.tensor([i[-1] for i in src])]
+    if changed := int((first != last).sum()):
+        warnings.warn(f"split_embeds='merge': {changed} input->r edges take the larger of their tok_embeds and "
+                      f"pos_embeds scores", stacklevel=2)
+    return target, torch.maximum(first, last)
 
 
 def order_from_masks(path: Path, graph: Graph, *, split_embeds: str = "refuse") -> tuple[torch.Tensor, torch.Tensor]:
