@@ -153,13 +153,29 @@ def reference(work: Path, cases=CASES) -> None:
         results[name] = {"seconds": time.perf_counter() - started, "faithfulness": faithfulness, "cpr": area_under,
                          "cmd": area_from_1, "average": average, "weighted_edge_counts": counts,
                          "n_examples": len(dataset), "n_edges": len(graph.edges)}
+    import hashlib
+    import importlib.metadata as md
+
     import eap
-    import transformer_lens
+    import MIB_circuit_track
     import transformers
 
-    results["_versions"] = {"transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__")
-                            else "2.9.1", "transformers": transformers.__version__, "torch": torch.__version__,
-                            "eap": str(Path(eap.__file__).parent)}
+    def sha(module, name):  # identifies the code that ran (compare with `git show <commit>:<path> | sha256sum`)
+        return hashlib.sha256((Path(module.__file__).parent / name).read_bytes()).hexdigest()[:16]
+
+    def origin(dist):
+        try:
+            return json.loads(md.distribution(dist).read_text("direct_url.json") or "{}").get("url")
+        except md.PackageNotFoundError:
+            return None
+
+    results["_versions"] = {
+        "transformer_lens": md.version("transformer_lens"), "transformers": transformers.__version__,
+        "torch": torch.__version__, "eap": {"installed_from": origin("eap"), "graph.py": sha(eap, "graph.py"),
+                                           "evaluate.py": sha(eap, "evaluate.py"), "utils.py": sha(eap, "utils.py")},
+        "MIB_circuit_track": {"installed_from": origin("MIB_circuit_track"),
+                              "evaluation.py": sha(MIB_circuit_track, "evaluation.py"),
+                              "dataset.py": sha(MIB_circuit_track, "dataset.py")}}
     (work / "reference.json").write_text(json.dumps(results, indent=1))
 
 
