@@ -161,7 +161,8 @@ def reference(work: Path, cases=CASES) -> None:
     import transformers
 
     def sha(module, name):  # identifies the code that ran (compare with `git show <commit>:<path> | sha256sum`)
-        return hashlib.sha256((Path(module.__file__).parent / name).read_bytes()).hexdigest()[:16]
+        folder = Path(next(iter(module.__path__)))  # a package, maybe without __init__.py (MIB_circuit_track)
+        return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
 
     def origin(dist):
         try:
