@@ -7,7 +7,9 @@ the reference capture, masks.py for the mask parameters. One forward (ARCHITECTU
     slots[0:E]   = embedding writers                                     [E, B, S, D]
     per layer l:
       x_a        = edge_mix(log_alpha[a{l}], slots[:W_l], corrupt[:W_l])   [H + 2K, B, S, D]
-      q_h        = attn_norm(x_a[h]) @ W_Q[h] + b_Q[h]          (k, v likewise, per KV head)
+      q_h        = attn_norm(x_a[h]) @ W_Q[h] + b_Q[h]          (k, v likewise, per KV head;
+                   with kv_per_query_head x_a is [3H, B, S, D] and head h's k and v come from its
+                   own readers times its group's W_K/W_V: one bmm of [K, (H/K)*B*S, D] by [K, D, dh])
       q, k       = the model's rotary (cos/sin from its rotary module, its apply_rotary_pos_emb)
       z          = scaled_dot_product_attention(q, k, v, causal + padding mask, scale)
       slots[a{l}.h*] = z_h @ W_O[h] + b_O / H                              [H, B, S, D]
