@@ -50,8 +50,10 @@ Otherwise:
   kept (a warning names them). Import into a split graph keeps both.
 
 Scores: export writes the caller's score per edge of ours (missing: 1.0 in the circuit, 0.0
-outside); pass ``ranking.export_scores`` of the effective log_alphas so that the top n by
-|score| are our first n for every n. A file whose edges are all ``in_graph: false`` holds
+outside). ``mib_eap_ig`` writes a circuit on MIB's graph with ``ranking.export_scores`` of the
+effective log_alphas (the circuit first, then every other edge by that score, all distinct
+also where a grouped edge becomes one per query head): the top n by |score| are then our
+first n for every n; ``scores_on_mib_graph`` carries scores of our graph to MIB's. A file whose edges are all ``in_graph: false`` holds
 scores only (MIB's importance files): loading it as a circuit is an error unless
 ``top_n``/``top_percent`` picks the edges, as EAP-IG's ``apply_topn(n, absolute=True)``
 does: the n largest |score| over the file's graph (ties in their matrix order, forward
@@ -248,6 +250,52 @@ def save_eap_ig(path: str | Path, graph: Graph, edges, scores=None, *, d_model: 
     p = Path(path)
     p.write_text(json.dumps(to_eap_ig(graph, edges, scores, d_model=d_model, split_embeds=split_embeds)))
     return p
+
+
+def mib_eap_ig(graph: Graph, edges: Iterable[Edge | tuple[str, str]], effective: torch.Tensor, *,
+               d_model: int) -> dict[str, Any]:
+    """The EAP-IG object of a circuit on MIB's graph (``mib_graph``) with scores that rank the
+    circuit's edges first, then every other edge by ``effective`` [E] (graph order of ``graph``;
+    ``ranking.export_scores``): all distinct, also where a grouped edge becomes one edge per
+    query head, so that top n by |score| is well defined for every n."""
+    from .ranking import export_scores
+
+    target, scores = scores_on_mib_graph(graph, effective)
+    _, kept, _ = read_eap_ig(to_eap_ig(graph, edges, d_model=d_model), target)
+    index = {e: i for i, e in enumerate(target.edges())}
+    first = torch.zeros(target.n_edges, dtype=torch.bool)
+    first[[index[e] for e in kept]] = True
+    values = dict(zip(target.edges(), export_scores(scores, first).tolist()))
+    return to_eap_ig(target, kept, values, d_model=d_model)
+
+
+def scores_on_mib_graph(graph: Graph, scores: torch.Tensor, *, split_embeds: str = "refuse") -> tuple[Graph, torch.Tensor]:
+    """(MIB's graph, a score per edge of it) from scores [E] on ``graph``: a grouped k/v edge's
+    score goes to the readers of every head of its group; split embeddings are refused, or
+    merged (input->r gets the larger of tok_embeds->r and pos_embeds->r) with ``"merge"``."""
+    target = mib_graph(graph)
+    if graph.config.split_embeds and split_embeds != "merge":
+        raise ValueError("split_embeds: the graph has split embeddings (tok_embeds, pos_embeds) and MIB's graph one "
+                         "input node; expected a graph without split embeddings, or split_embeds='merge' (input->r "
+                         "takes the larger score)")
+    index = {e: i for i, e in enumerate(graph.edges())}
+    c = graph.config
+    src: list[list[int]] = []
+    for e in target.edges():
+        reader = e.reader
+        parts = reader.split(".")
+        if len(parts) == 3 and parts[2] in "kv" and not c.kv_per_query_head:
+            layer, head = int(parts[0][1:]), int(parts[1][1:])
+            if c.n_kv_heads[layer] != c.n_heads[layer]:
+                reader = f"a{layer}.g{head // (c.n_heads[layer] // c.n_kv_heads[layer])}.{parts[2]}"
+        writers = [TOK_EMBEDS, POS_EMBEDS] if e.writer == EMBEDS and c.split_embeds else [e.writer]
+        src.append([index[Edge(w, reader)] for w in writers])
+    s = scores.detach().float().cpu()
+    first, last = s[torch.tensor([i[0] for i in src])], s[torch.tensor([i[-1] for i in src])]
+    if changed := int((first != last).sum()):
+        warnings.warn(f"split_embeds='merge': {changed} input->r edges take the larger of their tok_embeds and "
+                      f"pos_embeds scores", stacklevel=2)
+    return target, torch.maximum(first, last)
 
 
 # -- import ----------------------------------------------------------------------------------------

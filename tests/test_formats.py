@@ -12,6 +12,7 @@ from edgeprune_fast.formats import (
     edge_to_eap,
     graph_from_cfg,
     load_circuit,
+    mib_eap_ig,
     parse_eap_ig,
     read_eap_ig,
     save_eap_ig,
@@ -206,3 +207,20 @@ def test_mismatched_and_malformed(tmp_path):
     del d["edges"]["input->m0"]
     with pytest.raises(ValueError, match="lacks 1 of this graph's"):
         read_eap_ig(d, g)
+
+
+def test_mib_eap_ig_ranks_a_grouped_circuit_first_with_distinct_scores():
+    g = Graph.build(2, 4, 2)
+    gen = torch.Generator().manual_seed(3)
+    effective = torch.randn(g.n_edges, generator=gen)
+    effective[:10] = 2.0  # ties
+    circuit = [e for e, k in zip(g.edges(), (torch.rand(g.n_edges, generator=gen) < 0.2).tolist()) if k]
+    d = json.loads(json.dumps(mib_eap_ig(g, circuit, effective, d_model=8)))
+    f = parse_eap_ig(d)
+    assert len(f.names) == Graph.build(2, 4, 2, kv_per_query_head=True).n_edges
+    assert len(set(f.scores)) == len(f.scores) and min(f.scores) > 0  # every file edge its own score
+    n = sum(f.in_graph)
+    assert n == sum(len(edge_to_eap(g, e)) for e in circuit)
+    assert f.top_n(n) == list(f.in_graph)  # the circuit is the top n by |score|
+    _, back, _ = read_eap_ig(d, g)  # strict: the heads of every group agree
+    assert back == sorted(circuit, key=g.edges().index)

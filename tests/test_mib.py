@@ -234,3 +234,42 @@ def test_mib_zero_ablation_equals_the_slow_reference(arch, tok, one_thread):
         torch.testing.assert_close(const[head, 0], want_h, atol=1e-6, rtol=0)
         torch.testing.assert_close(const[0], hf.transformer.wpe.weight[:7], atol=0, rtol=0)
         assert const[model.graph.slot("m0")].abs().max() == 0
+
+
+def test_grouped_run_scores_go_to_every_head_of_the_group():
+    from edgeprune_fast.formats import scores_on_mib_graph
+    from edgeprune_fast.graph import Edge
+
+    g = Graph.build(2, 4, 2)
+    s = torch.arange(g.n_edges, dtype=torch.float32)
+    target, out = scores_on_mib_graph(g, s)
+    assert target.signature() == Graph.build(2, 4, 2, kv_per_query_head=True).signature()
+    index = {e: i for i, e in enumerate(g.edges())}
+    for e, v in zip(target.edges(), out.tolist()):
+        parts = e.reader.split(".")
+        grouped = f"{parts[0]}.g{int(parts[1][1:]) // 2}.{parts[2]}" if parts[-1] in ("k", "v") else e.reader
+        assert v == s[index[Edge(e.writer, grouped)]]
+    split = Graph.build(1, 2, split_embeds=True)
+    with pytest.raises(ValueError, match="split embeddings"):
+        scores_on_mib_graph(split, torch.zeros(split.n_edges))
+    s2 = torch.randn(split.n_edges, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="input->r"):
+        _, merged = scores_on_mib_graph(split, s2, split_embeds="merge")
+    index = {e: i for i, e in enumerate(split.edges())}
+    for e, v in zip(Graph.build(1, 2).edges(), merged.tolist()):
+        if e.writer == "embeds":
+            want = max(s2[index[Edge("tok_embeds", e.reader)]], s2[index[Edge("pos_embeds", e.reader)]])
+        else:
+            want = s2[index[e]]
+        assert v == float(want)
+
+
+def test_submission_names():
+    from edgeprune_fast.mib.export import model_name_of, submission_name
+
+    assert submission_name("arithmetic_addition", "llama3") == "arithmetic-addition_llama3"
+    assert submission_name("arc-easy", "gemma2") == "arc-easy_gemma2"
+    assert submission_name("copycolors_mcqa", "qwen2.5") == "mcqa_qwen2.5"
+    names = {model_name_of(Graph.build(L, H, K)) for L, H, K, _ in MIB_MODELS.values()}
+    assert names == {"gpt2", "qwen2.5", "gemma2", "llama3"}
+    assert model_name_of(Graph.build(2, 2)) is None

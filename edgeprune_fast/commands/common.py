@@ -9,6 +9,7 @@ exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from argparse import Namespace
@@ -182,20 +183,24 @@ def write_circuit_files(folder: Path, model, circuit, picture: str) -> list[Path
     import torch
 
     from ..draw import draw_circuit
-    from ..formats import save_eap_ig
+    from ..formats import mib_eap_ig, save_eap_ig
     from ..ranking import export_scores
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [circuit.save(folder / "circuit.json")]
-    # scores that rank the circuit's edges first, then every other edge by its effective score
-    edges = model.graph.edges()
-    in_circuit = torch.zeros(len(edges), dtype=torch.bool)
-    index = {e: i for i, e in enumerate(edges)}
-    in_circuit[[index[e] for e in circuit.edge_list()]] = True
-    scores = dict(zip(edges, export_scores(effective_scores(model), in_circuit).tolist()))
-    try:
-        files.append(save_eap_ig(folder / "circuit.eap-ig.json", model.graph, circuit.edge_list(), scores,
-                                 d_model=model.adapter.d_model))
+    target = folder / "circuit.eap-ig.json"
+    try:  # scores that rank the circuit's edges first, then every other edge by its effective score
+        if model.graph.config.split_embeds:  # EAP-IG's one input node: refused where tok and pos disagree
+            edges = model.graph.edges()
+            first = torch.zeros(len(edges), dtype=torch.bool)
+            index = {e: i for i, e in enumerate(edges)}
+            first[[index[e] for e in circuit.edge_list()]] = True
+            scores = dict(zip(edges, export_scores(effective_scores(model), first).tolist()))
+            files.append(save_eap_ig(target, model.graph, circuit.edge_list(), scores, d_model=model.adapter.d_model))
+        else:  # on MIB's graph (k/v readers per query head): every file edge has its own score
+            d = mib_eap_ig(model.graph, circuit.edge_list(), effective_scores(model), d_model=model.adapter.d_model)
+            target.write_text(json.dumps(d))
+            files.append(target)
     except ValueError as exc:  # per-layer head counts, or split embeddings the one input node cannot hold
         print(f"note: no EAP-IG file: {exc}", file=sys.stderr)
     model.save_masks(folder / "masks.safetensors")

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +50,8 @@ from typing import Any
 
 import torch
 
-from ..formats import edge_from_eap, mib_graph, parse_eap_ig, read_eap_ig
-from ..graph import EMBEDS, POS_EMBEDS, TOK_EMBEDS, Edge, Graph, GraphConfig
+from ..formats import edge_from_eap, parse_eap_ig, read_eap_ig, scores_on_mib_graph
+from ..graph import Graph, GraphConfig
 from ..ranking import effective_scores, prune, rank_order
 from .budgets import CURVE_FRACTIONS, SUBMISSION_PERCENTS, area_from_1, area_under, n_at_most
 
@@ -83,35 +82,6 @@ def masks_graph(path: Path) -> Graph:
     if "graph" not in meta:
         raise ValueError(f"masks: {str(path)!r} has no graph metadata (expected a file written by save_masks)")
     return Graph(GraphConfig.from_dict(json.loads(meta["graph"])))
-
-
-def scores_on_mib_graph(graph: Graph, scores: torch.Tensor, *, split_embeds: str = "refuse") -> tuple[Graph, torch.Tensor]:
-    """(MIB's graph, a score per edge of it) from scores [E] on ``graph``: a grouped k/v edge's
-    score goes to the readers of every head of its group; split embeddings are refused, or
-    merged (input->r gets the larger of tok_embeds->r and pos_embeds->r) with ``"merge"``."""
-    target = mib_graph(graph)
-    if graph.config.split_embeds and split_embeds != "merge":
-        raise ValueError("graph: the run has split embeddings (tok_embeds, pos_embeds); MIB's graph has one input "
-                         "node. Expected a run without --split-embeds, or --split-embeds-rule merge (input->r takes "
-                         "the larger score)")
-    index = {e: i for i, e in enumerate(graph.edges())}
-    c = graph.config
-    src: list[list[int]] = []
-    for e in target.edges():
-        reader = e.reader
-        parts = reader.split(".")
-        if len(parts) == 3 and parts[2] in "kv" and not c.kv_per_query_head:
-            layer, head = int(parts[0][1:]), int(parts[1][1:])
-            if c.n_kv_heads[layer] != c.n_heads[layer]:
-                reader = f"a{layer}.g{head // (c.n_heads[layer] // c.n_kv_heads[layer])}.{parts[2]}"
-        writers = [TOK_EMBEDS, POS_EMBEDS] if e.writer == EMBEDS and c.split_embeds else [e.writer]
-        src.append([index[Edge(w, reader)] for w in writers])
-    s = scores.detach().float().cpu()
-    first, last = s[torch.tensor([i[0] for i in src])], s[torch.tensor([i[-1] for i in src])]
-    if changed := int((first != last).sum()):
-        warnings.warn(f"split_embeds='merge': {changed} input->r edges take the larger of their tok_embeds and "
-                      f"pos_embeds scores", stacklevel=2)
-    return target, torch.maximum(first, last)
 
 
 def order_from_masks(path: Path, graph: Graph, *, split_embeds: str = "refuse") -> tuple[torch.Tensor, torch.Tensor]:
