@@ -8,15 +8,14 @@ its effective score is above log(-l/r). Two rules, both a prefix of the ranking 
 score (so a scores file written from it puts the circuit first):
 
     exact count      the target sparsity s gives k = round((1 - s) * E) edges (clamped to
-                     [0, E]); the threshold t is the k-th largest score: the scores are sorted
-                     once, t is read at its rank, and a binary search on the sorted scores
-                     (``torch.searchsorted``) counts the edges strictly above it. This is where a
-                     binary search on the threshold converges, found exactly: t is always one
-                     of the scores, whereas a bisection on floats can stop between tied or close
-                     scores and miss the count. Edges strictly above t are kept, and the ties
-                     at t are filled in graph order (earlier edge first) until exactly k are
-                     kept, so the count is always exact and the result deterministic, whatever
-                     the node masks did (a circuit of the target's size always exists).
+                     [0, E]): the first k edges of the ranking (ranking.rank_order: descending
+                     score, ties in graph order). The threshold t, the k-th score, is where a
+                     binary search on the threshold would converge, found exactly by one
+                     stable sort (a bisection on floats can stop between tied or close scores
+                     and miss the count); edges above t are kept, and the ties at t are taken
+                     in graph order (earlier edge first) until exactly k are kept, so the count
+                     is always exact and the result deterministic, whatever the node masks did
+                     (a circuit of the target's size always exists).
     non-zero masks   the edges whose effective mask is non-zero (score > log(-l/r)): the masks
                      decide the size. Targets s >= 1 (the original's tracr runs train with
                      1.02 to keep pushing) keep no edge by count, so they take this rule.
@@ -53,6 +52,7 @@ from typing import Any
 import torch
 
 from .graph import Edge, Graph, GraphConfig
+from .ranking import rank_order
 
 FORMAT = "edgeprune_fast.circuit"
 EFFECTIVE_SCORE = "min(edge log_alpha, writer node log_alpha)"
@@ -95,27 +95,17 @@ def discretise(scores: torch.Tensor, n_keep: int) -> Discretisation:
     keep = torch.zeros(E, dtype=torch.bool)
     if n_keep == 0:
         return Discretisation(keep, math.inf, 0, 0)
-    ascending = scores.sort().values
-    # binary search: t = the n_keep-th largest score; count(score > t) <= n_keep - 1
-    t = ascending[E - n_keep]
-    n_above = E - int(torch.searchsorted(ascending, t, right=True))
-    keep[scores > t] = True
-    ties = (scores == t).nonzero().squeeze(1)  # graph order (nonzero is sorted)
-    n_ties = n_keep - n_above
-    keep[ties[:n_ties]] = True
-    return Discretisation(keep, float(t), n_ties, len(ties) - n_ties)
+    keep[rank_order(scores)[:n_keep]] = True
+    t = float(scores[keep].min())
+    at_t = scores == t
+    return Discretisation(keep, t, int((at_t & keep).sum()), int((at_t & ~keep).sum()))
 
 
 # -- the circuit value -----------------------------------------------------------------------------
 def _graph_from_dict(d: Mapping[str, Any] | None) -> Graph | None:
     if d is None:
         return None
-    try:
-        return Graph(GraphConfig(int(d["n_layers"]), tuple(d["n_heads"]), tuple(d["n_kv_heads"]),
-                                 bool(d.get("split_embeds", False)), bool(d.get("parallel_mlp", False))))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"graph: expected a GraphConfig dict (n_layers, n_heads, n_kv_heads, split_embeds, "
-                         f"parallel_mlp), got {dict(d)!r:.200} ({exc})") from None
+    return Graph(GraphConfig.from_dict(d))
 
 
 def circuit_nodes(graph: Graph | None, edges: Iterable[Edge]) -> tuple[str, ...]:

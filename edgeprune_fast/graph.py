@@ -14,6 +14,10 @@ Readers, per layer l, then the final one:
     a{l}.g{g}.k, a{l}.g{g}.v    attention (n_kv_heads < n_heads) the KV head g is shared by
                                 query heads g*n_heads/n_kv_heads ... (g+1)*n_heads/n_kv_heads-1
                                 and the readers are named by group g
+                                (``kv_per_query_head``: one k and one v reader per *query*
+                                head instead, named a{l}.h{h}.k/.v, as MIB's graph has them
+                                (TransformerLens' ungroup_grouped_query_attention); head h's key
+                                and value are its own reader's input times its group's W_K/W_V)
     m{l}                        the MLP's input (same name as its writer; an edge is (writer, reader))
     resid_post                  what the final norm and the unembedding read
 
@@ -26,7 +30,8 @@ prefix and form one :class:`ReaderGroup` (one mask tensor [n_readers, n_upstream
 
 Graph order of edges (used by mask tensors, scores and ``edges()``): groups in order
 ``a0, m0, a1, m1, ..., resid_post``; inside the attention group the readers are all q
-readers (by head), then all k readers, then all v readers (by KV head); for each reader its
+readers (by head), then all k readers, then all v readers (by KV head, or by query head with
+kv_per_query_head); for each reader its
 upstream writers in residual order (row-major over the group's mask tensor).
 
 Text form of an edge: ``"a0.h3->a2.h1.q"``; JSON form ``["a0.h3", "a2.h1.q"]``.
@@ -47,7 +52,8 @@ EMBEDS, TOK_EMBEDS, POS_EMBEDS, RESID_POST = "embeds", "tok_embeds", "pos_embeds
 class Node:
     """A writer or a reader. kind: embeds | tok_embeds | pos_embeds | head | mlp (writers);
     q | k | v | mlp | resid_post (readers). layer/index are None where meaningless (index is
-    the head for heads and q readers, the KV head for k/v readers)."""
+    the head for heads and q readers, the KV head for k/v readers, or the query head with
+    kv_per_query_head)."""
 
     name: str
     role: str  # "writer" | "reader"
@@ -108,13 +114,17 @@ def _per_layer(name: str, value: int | Sequence[int], n_layers: int) -> tuple[in
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """What fixes the graph. n_heads / n_kv_heads: an int or one int per layer."""
+    """What fixes the graph. n_heads / n_kv_heads: an int or one int per layer.
+    kv_per_query_head: k/v readers per query head under grouped-query attention (see the
+    module docstring); normalised to False when no layer groups its heads (the graphs are
+    the same then)."""
 
     n_layers: int
     n_heads: int | tuple[int, ...]
     n_kv_heads: int | tuple[int, ...] | None = None  # None: = n_heads
     split_embeds: bool = False
     parallel_mlp: bool = False
+    kv_per_query_head: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
@@ -126,14 +136,32 @@ class GraphConfig:
                 raise ValueError(f"GraphConfig.n_kv_heads: layer {layer} has {h} heads, not a multiple of {k} KV heads")
         object.__setattr__(self, "n_heads", heads)
         object.__setattr__(self, "n_kv_heads", kv)
+        object.__setattr__(self, "kv_per_query_head", bool(self.kv_per_query_head) and heads != kv)
+
+    def kv_readers(self, layer: int) -> int:
+        """The number of k (and of v) readers of a layer: its KV heads, or its query heads."""
+        return self.n_heads[layer] if self.kv_per_query_head else self.n_kv_heads[layer]
 
     def to_json(self) -> str:
-        return json.dumps({"n_layers": self.n_layers, "n_heads": list(self.n_heads), "n_kv_heads": list(self.n_kv_heads),
-                           "split_embeds": self.split_embeds, "parallel_mlp": self.parallel_mlp}, sort_keys=True)
+        d = {"n_layers": self.n_layers, "n_heads": list(self.n_heads), "n_kv_heads": list(self.n_kv_heads),
+             "split_embeds": self.split_embeds, "parallel_mlp": self.parallel_mlp}
+        if self.kv_per_query_head:  # only when set: the signatures of earlier graphs stay as they were
+            d["kv_per_query_head"] = True
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d) -> GraphConfig:
+        """The config of a ``to_json`` dict; ValueError naming what is missing."""
+        try:
+            return cls(int(d["n_layers"]), tuple(d["n_heads"]), tuple(d["n_kv_heads"]), bool(d.get("split_embeds", False)),
+                       bool(d.get("parallel_mlp", False)), bool(d.get("kv_per_query_head", False)))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"graph: expected a GraphConfig dict (n_layers, n_heads, n_kv_heads, split_embeds, "
+                             f"parallel_mlp, kv_per_query_head), got {dict(d)!r:.200} ({exc})") from None
 
 
 def n_edges_closed_form(n_layers: int, n_heads: int, n_kv_heads: int | None = None, *,
-                        split_embeds: bool = False, parallel_mlp: bool = False) -> int:
+                        split_embeds: bool = False, parallel_mlp: bool = False, kv_per_query_head: bool = False) -> int:
     """Number of edges with H heads and K KV heads in every layer, in closed form.
 
     With E embedding writers, layer l's readers see W_l = E + l(H+1) writers; its H + 2K
@@ -141,9 +169,11 @@ def n_edges_closed_form(n_layers: int, n_heads: int, n_kv_heads: int | None = No
     is parallel), resid_post reads all E + L(H+1)::
 
         (H + 2K + 1) * (L E + (H+1) L(L-1)/2) + [not parallel] L H + E + L(H+1)
+
+    (K = H with ``kv_per_query_head``: MIB's count, e.g. 179,749 for Qwen2.5-0.5B.)
     """
     L, H = n_layers, n_heads
-    K = H if n_kv_heads is None else n_kv_heads
+    K = H if n_kv_heads is None or kv_per_query_head else n_kv_heads
     E = 2 if split_embeds else 1
     return (H + 2 * K + 1) * (L * E + (H + 1) * L * (L - 1) // 2) + (0 if parallel_mlp else L * H) + E + L * (H + 1)
 
@@ -171,8 +201,9 @@ class Graph:
             groups.append(ReaderGroup(key, tuple(r.name for r in rs), n_up, offset, layer))
             offset += len(rs) * n_up
 
-        for layer, (H, K) in enumerate(zip(c.n_heads, c.n_kv_heads)):
+        for layer, H in enumerate(c.n_heads):
             n_before = len(writers)
+            K = c.kv_readers(layer)
             kv = "h" if K == H else "g"
             attn = [Node(f"a{layer}.h{h}.q", "reader", "q", layer, h) for h in range(H)]
             attn += [Node(f"a{layer}.{kv}{g}.{t}", "reader", t, layer, g) for t in "kv" for g in range(K)]
@@ -191,11 +222,12 @@ class Graph:
 
     @classmethod
     def build(cls, n_layers: int, n_heads: int | Sequence[int], n_kv_heads: int | Sequence[int] | None = None, *,
-              split_embeds: bool = False, parallel_mlp: bool = False) -> Graph:
+              split_embeds: bool = False, parallel_mlp: bool = False, kv_per_query_head: bool = False) -> Graph:
         def to_t(v):
             return v if v is None or isinstance(v, int) else tuple(v)
 
-        return cls(GraphConfig(n_layers, to_t(n_heads), to_t(n_kv_heads), split_embeds, parallel_mlp))
+        return cls(GraphConfig(n_layers, to_t(n_heads), to_t(n_kv_heads), split_embeds, parallel_mlp,
+                               kv_per_query_head))
 
     # -- sizes and lookups -----------------------------------------------------------------
     @property
@@ -259,7 +291,7 @@ class Graph:
         readers = [e.reader] if e.reader in self._reader_pos else \
             difflib.get_close_matches(e.reader, list(self._reader_pos), n=n, cutoff=0.5)
         m = re.fullmatch(r"a(\d+)\.h(\d+)\.([kv])", e.reader)
-        if m and int(m[1]) < self.config.n_layers:  # a per-head k/v name in a grouped-query graph
+        if m and int(m[1]) < self.config.n_layers and not self.config.kv_per_query_head:  # per-head k/v in a grouped graph
             layer, head = int(m[1]), int(m[2])
             grouped = f"a{layer}.g{head // (self.config.n_heads[layer] // self.config.n_kv_heads[layer])}.{m[3]}"
             if grouped in self._reader_pos:

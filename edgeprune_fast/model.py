@@ -7,7 +7,9 @@ the reference capture, masks.py for the mask parameters. One forward (ARCHITECTU
     slots[0:E]   = embedding writers                                     [E, B, S, D]
     per layer l:
       x_a        = edge_mix(log_alpha[a{l}], slots[:W_l], corrupt[:W_l])   [H + 2K, B, S, D]
-      q_h        = attn_norm(x_a[h]) @ W_Q[h] + b_Q[h]          (k, v likewise, per KV head)
+      q_h        = attn_norm(x_a[h]) @ W_Q[h] + b_Q[h]          (k, v likewise, per KV head;
+                   with kv_per_query_head x_a is [3H, B, S, D] and head h's k and v come from its
+                   own readers times its group's W_K/W_V: one bmm of [K, (H/K)*B*S, D] by [K, D, dh])
                    then q_norm / k_norm where the model has them (per head, or OLMo-2's
                    over all heads' projection of each reader's input)
       q, k       = the model's rotary (cos/sin from its rotary module, its apply_rotary_pos_emb)
@@ -108,7 +110,7 @@ class EdgePrunedModel(nn.Module):
     def __init__(self, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                  ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
                  init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
-                 corrupted_on_cpu: bool = False) -> None:
+                 corrupted_on_cpu: bool = False, kv_per_query_head: bool = False) -> None:
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
@@ -122,13 +124,18 @@ class EdgePrunedModel(nn.Module):
         if split_embeds and adapter.embed_positions is None:
             raise ValueError(f"split_embeds: {adapter.architecture} has no absolute position embedding (positions "
                              f"enter through rotary), so it has one 'embeds' writer; expected split_embeds=False, got True")
+        if kv_per_query_head and any(s.qk_norm_over_heads and s.n_kv_heads != s.n_heads for s in adapter.layers):
+            raise NotImplementedError(f"kv_per_query_head: {adapter.architecture}'s k norm spans all KV heads, which "
+                                      f"per-query-head k readers of grouped heads cannot reproduce; expected "
+                                      f"kv_per_query_head=False for this model")
         model.eval()
         self.hf = model
         self.adapter: Adapter = adapter
         self.ablation = ablation
         heads = tuple(s.n_heads for s in adapter.layers)
         kv = tuple(s.n_kv_heads for s in adapter.layers)
-        self._graph = Graph(GraphConfig(adapter.n_layers, heads, kv, split_embeds, adapter.parallel_mlp))
+        self._graph = Graph(GraphConfig(adapter.n_layers, heads, kv, split_embeds, adapter.parallel_mlp,
+                                        kv_per_query_head))
         self.masks = EdgeMasks(self._graph, node_masks=node_masks, init=init, init_std=init_std, params=params,
                                device=adapter.device)
         self.checkpoint_layers = bool(checkpoint_layers)
@@ -146,16 +153,19 @@ class EdgePrunedModel(nn.Module):
     def from_hf(cls, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                 ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
                 init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
-                corrupted_on_cpu: bool = False) -> EdgePrunedModel:
+                corrupted_on_cpu: bool = False, kv_per_query_head: bool = False) -> EdgePrunedModel:
         """Wrap a loaded HF causal LM (its modules and weights are reused and frozen; it is put
         in eval mode). ``init``/``init_std``: log_alpha ~ N(init, init_std). ``checkpoint_layers``:
         recompute each layer in backward (see the module docstring); ``corrupted_on_cpu``: keep
-        the corrupted writer states in host memory, streamed to the device per read."""
+        the corrupted writer states in host memory, streamed to the device per read.
+        ``kv_per_query_head``: under grouped-query attention, one k and one v reader per query
+        head (MIB's graph, graph.py) instead of one per KV head."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a loaded HF causal LM (nn.Module), got {_describe(model)}")
         return cls(model, split_embeds=split_embeds, node_masks=node_masks, ablation=ablation,
                    mean_writers=mean_writers, init=init, init_std=init_std, params=params,
-                   checkpoint_layers=checkpoint_layers, corrupted_on_cpu=corrupted_on_cpu)
+                   checkpoint_layers=checkpoint_layers, corrupted_on_cpu=corrupted_on_cpu,
+                   kv_per_query_head=kv_per_query_head)
 
     def gradient_checkpointing(self, enable: bool = True) -> EdgePrunedModel:
         """Turn per-layer activation checkpointing on or off (see the module docstring)."""
@@ -538,13 +548,15 @@ class EdgePrunedModel(nn.Module):
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:
-        """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]."""
+        """Head writers [H, B, S, D] from the attention readers' inputs x [H + 2K, B, S, D]
+        (x [3H, B, S, D] with k/v readers per query head)."""
         H, K = spec.n_heads, spec.n_kv_heads
+        per_query = self._graph.config.kv_per_query_head and K != H
         h = spec.attn_norm(x)
         n, B, S, D = h.shape
 
-        def project(part, W, b):  # [n, B, S, D] @ [n, D, d] -> [B, n, S, d], the bias as the product's start
-            part = part.reshape(part.shape[0], B * S, D)
+        def project(part, W, b):  # [n*r, B, S, D] @ [n, D, d] -> [B, n*r, S, d], the bias as the product's start
+            part = part.reshape(W.shape[0], -1, D)  # r readers per weight (r = H/K per-query k/v, else 1): no copy
             y = torch.bmm(part, W) if b is None else torch.baddbmm(b[:, None, :], part, W)
             return y.view(-1, B, S, W.shape[-1]).transpose(0, 1)
 
@@ -554,21 +566,22 @@ class EdgePrunedModel(nn.Module):
             y = norm(y if b is None else y + b.reshape(-1)).view(m, B * S, m, -1)
             return y.diagonal(dim1=0, dim2=2).permute(2, 0, 1).reshape(m, B, S, -1).transpose(0, 1)  # reader i, head i
 
-        if spec.qk_norm_over_heads:
+        if spec.qk_norm_over_heads:  # (per-query k/v readers with grouped heads are refused for it in __init__)
             hq, hk, hv = h.split([H, K, K])
             q, k = project_normed(hq, spec.W_Q, spec.b_Q, spec.q_norm), project_normed(hk, spec.W_K, spec.b_K, spec.k_norm)
             v = project(hv, spec.W_V, spec.b_V)
-        elif spec.W_QKV is not None:  # one product for all H + 2K readers; h's gradient comes out whole
+        elif spec.W_QKV is not None and not per_query:  # one product for all H + 2K readers; h's gradient comes out whole
             q, k, v = project(h, spec.W_QKV, spec.b_QKV).split([H, K, K], dim=1)
         else:
-            hq, hk, hv = h.split([H, K, K])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
+            R = H if per_query else K
+            hq, hk, hv = h.split([H, R, R])  # split, not slicing: its backward is one cat, not 3 zero-filled copies
             q, k, v = project(hq, spec.W_Q, spec.b_Q), project(hk, spec.W_K, spec.b_K), project(hv, spec.W_V, spec.b_V)
         if not spec.qk_norm_over_heads:  # Qwen3: per head, over dh
             q = q if spec.q_norm is None else spec.q_norm(q)
             k = k if spec.k_norm is None else spec.k_norm(k)
         if rope is not None:
             q, k = self.adapter.apply_rotary(q, k, *rope)
-        if K != H:
+        if K != H and not per_query:
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         if spec.softcap is None:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scale)

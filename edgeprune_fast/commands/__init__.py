@@ -13,8 +13,9 @@ common.py.
     info      versions, GPU, compiled extension, backend per op
     demo      prune the shipped tracr `reverse` model and compare with its known circuit
     plan      the memory planner's prediction
+    mib       MIB's circuit track: faithfulness at its edge budgets (CPR, CMD); its submission layout
 """
 
 from __future__ import annotations
 
-COMMANDS = ("prune", "circuit", "evaluate", "draw", "info", "demo", "plan")
+COMMANDS = ("prune", "circuit", "evaluate", "draw", "info", "demo", "plan", "mib")

@@ -112,7 +112,8 @@ def run(args: Namespace) -> int:
 def _model(settings: Namespace, task):
     """(the run's model, its masks): with weights for evaluation; without (``task`` None) the
     model is built on the meta device for its graph, and the masks live on the CPU."""
-    kw = dict(split_embeds=settings.split_embeds, node_masks=not settings.no_node_masks)
+    kw = dict(split_embeds=settings.split_embeds, node_masks=not settings.no_node_masks,
+              kv_per_query_head=bool(getattr(settings, "kv_per_query_head", False)))
     if task is not None:
         model = load_model_for(settings, settings.ablation, task.batches(settings.batch_size, "train"), **kw)
         return model, model.masks

@@ -9,6 +9,7 @@ exits with code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from argparse import Namespace
@@ -22,24 +23,37 @@ PICTURE_NAME = "circuit"
 
 
 # -- argument types -----------------------------------------------------------------------------------
-def sparsity(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 2), got {text!r}") from None
-    if not 0.0 <= value < 2.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 2), got {value}")
-    return value
+def _bounded(name: str, convert, ok, expected: str):
+    """An argparse type: ``convert(text)`` when ``ok`` of it, else one message saying what was expected."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+sparsity = _bounded("sparsity", float, lambda v: 0.0 <= v < 2.0, "a number in [0, 2)")
+percent = _bounded("percent", float, lambda v: 0.0 <= v <= 100.0, "a percentage in [0, 100]")
+positive_int = _bounded("positive_int", int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _bounded("non_negative_int", int, lambda v: v >= 0, "an integer >= 0")
+
+
+def add_selection_options(p: argparse.ArgumentParser) -> None:
+    """How an EAP-IG/MIB file becomes a circuit of the model: top-n of a score file, grouped k/v."""
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--top-n", type=non_negative_int, default=None,
+                     help="score files: keep the N edges with the largest |score| (EAP-IG's apply_topn, then prune)")
+    sel.add_argument("--top-percent", type=percent, default=None,
+                     help="score files: keep P %% of the file's edges (floor) with the largest |score|")
+    p.add_argument("--gqa", choices=["strict", "union", "intersection"], default="strict",
+                   help="a per-query-head file (MIB's) on a grouped graph: refuse heads of a KV group that disagree "
+                        "(default), or keep a grouped edge if any / all of its heads have it")
 
 
 def model_dir(text: str) -> Path:
@@ -62,7 +76,8 @@ def add_task_source(p: argparse.ArgumentParser, *, required: bool = True) -> Non
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--task", help="a task name: ioi, greater-than, gendered-pronouns")
     src.add_argument("--data", type=Path, help="JSONL of {\"clean\": ..., \"corrupted\": ...} lines with the "
-                     "predicted span in <predict>...</predict> (optional \"split\")")
+                     "predicted span in <predict>...</predict> (optional \"split\"), or a local copy of a MIB data "
+                     "set (its rows, file or folder)")
 
 
 def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stored: bool = False) -> None:
@@ -77,10 +92,16 @@ def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stor
                        help="what a removed edge carries (default: the circuit file's, else corrupted)")
         p.add_argument("--split-embeds", action=argparse.BooleanOptionalAction, default=None,
                        help="separate token and position embedding nodes (default: as in the circuit file)")
+        p.add_argument("--kv-per-query-head", action=argparse.BooleanOptionalAction, default=None,
+                       help="grouped-query models: one k and one v reader per query head (MIB's graph) instead of "
+                            "per KV head (default: as in the circuit file; EAP-IG/MIB files: per KV head)")
     else:
         p.add_argument("--ablation", choices=ABLATIONS, default="corrupted",
                        help="what a removed edge carries: the corrupted run's value (default), zero, or the mean")
         p.add_argument("--split-embeds", action="store_true", help="separate token and position embedding nodes")
+        p.add_argument("--kv-per-query-head", action="store_true",
+                       help="grouped-query models: one k and one v reader per query head (MIB's graph) instead of "
+                            "per KV head")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--examples", type=positive_int, default=256, help="examples to generate (generated tasks)")
     p.add_argument("--seed", type=int, default=0)
@@ -134,10 +155,15 @@ def load_task(args: Namespace, tokenizer):
     from ..tasks import get_task
 
     if args.data is not None:
+        if not args.data.exists():
+            raise UsageError(f"--data: expected a JSONL file (or a local copy of a MIB data set), {str(args.data)!r} "
+                             f"does not exist")
         if args.data.is_dir():
-            raise UsageError(f"--data: expected a JSONL file, got {str(args.data)!r}, which is a directory")
-        if not args.data.is_file():
-            raise UsageError(f"--data: expected a JSONL file, {str(args.data)!r} does not exist")
+            from ..mib.tasks import is_mib_data
+
+            if not is_mib_data(args.data):
+                raise UsageError(f"--data: expected a JSONL file or a local copy of a MIB data set, got "
+                                 f"{str(args.data)!r}, which is a directory without MIB rows")
         return get_task(args.data, tokenizer)
     return get_task(args.task, tokenizer, n_examples=getattr(args, "examples", None), seed=args.seed)
 
@@ -158,6 +184,7 @@ def load_model(args: Namespace, on_device=None, **kwargs):
     dtype = torch_dtype(getattr(args, "dtype", "float32"))
     kwargs.setdefault("checkpoint_layers", getattr(args, "checkpoint_layers", False))
     kwargs.setdefault("corrupted_on_cpu", getattr(args, "corrupted_on_cpu", False))
+    kwargs.setdefault("kv_per_query_head", bool(getattr(args, "kv_per_query_head", False)))
     from safetensors import SafetensorError
 
     try:
@@ -195,21 +222,33 @@ def print_metrics(circuit, out=None) -> None:
 
 def write_circuit_files(folder: Path, circuit, masks, d_model: int, picture: str, *,
                         save_masks: bool = True) -> list[Path]:
-    """circuit.json, circuit.eap-ig.json (scores: the sigmoid of the effective log_alphas,
-    the ranking the circuit was cut from), masks.safetensors (unless ``save_masks=False``:
-    written already) and the picture, into ``folder``. ``masks``: the EdgeMasks."""
+    """circuit.json, circuit.eap-ig.json (scores from the effective log_alphas, the ranking
+    the circuit was cut from: ranking.export_scores), masks.safetensors (unless
+    ``save_masks=False``: written already) and the picture, into ``folder``. ``masks``: the
+    EdgeMasks."""
     import torch
 
     from ..draw import draw_circuit
-    from ..formats import save_eap_ig
+    from ..formats import mib_eap_ig, save_eap_ig
+    from ..ranking import export_scores
 
     folder.mkdir(parents=True, exist_ok=True)
     files = [circuit.save(folder / "circuit.json")]
-    scores = dict(zip(masks.graph.edges(), torch.sigmoid(masks.effective_scores()).tolist()))
-    try:
-        files.append(save_eap_ig(folder / "circuit.eap-ig.json", masks.graph, circuit.edge_list(), scores,
-                                 d_model=d_model))
-    except ValueError as exc:  # per-layer head counts: the EAP-IG format cannot hold the graph
+    target = folder / "circuit.eap-ig.json"
+    graph = masks.graph
+    try:  # scores that rank the circuit's edges first, then every other edge by its effective score
+        if graph.config.split_embeds:  # EAP-IG's one input node: refused where tok and pos disagree
+            edges = graph.edges()
+            first = torch.zeros(len(edges), dtype=torch.bool)
+            index = {e: i for i, e in enumerate(edges)}
+            first[[index[e] for e in circuit.edge_list()]] = True
+            scores = dict(zip(edges, export_scores(masks.effective_scores(), first).tolist()))
+            files.append(save_eap_ig(target, graph, circuit.edge_list(), scores, d_model=d_model))
+        else:  # on MIB's graph (k/v readers per query head): every file edge has its own score
+            d = mib_eap_ig(graph, circuit.edge_list(), masks.effective_scores(), d_model=d_model)
+            target.write_text(json.dumps(d))
+            files.append(target)
+    except ValueError as exc:  # per-layer head counts, or split embeddings the one input node cannot hold
         print(f"note: no EAP-IG file: {exc}", file=sys.stderr)
     if save_masks:
         masks.save(folder / "masks.safetensors")

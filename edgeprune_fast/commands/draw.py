@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..staging import staged_file
+from .common import add_selection_options
 
 NAME = "draw"
 HELP = "draw a circuit file (SVG, PNG or PDF by the output's suffix)"
@@ -16,6 +17,7 @@ def add_arguments(dr: ArgumentParser) -> None:
     dr.add_argument("circuit", type=Path)
     dr.add_argument("--out", type=Path, required=True)
     dr.add_argument("--title", default=None)
+    add_selection_options(dr)
 
 
 def run(args: Namespace) -> int:
@@ -23,7 +25,7 @@ def run(args: Namespace) -> int:
     from ..formats import load_circuit
 
     _suffix(args.out)  # a bad suffix fails before anything is read
-    circuit = load_circuit(args.circuit)
+    circuit = load_circuit(args.circuit, gqa=args.gqa, top_n=args.top_n, top_percent=args.top_percent)
     if not circuit.n_edges:
         raise UsageError(f"circuit: {str(args.circuit)!r} has no edges; nothing to draw")
     with staged_file(args.out) as tmp:

@@ -1,10 +1,13 @@
 """`edgeprune eval`: a circuit file (ours or EAP-IG/MIB's graph JSON) on a task: KL to the
 full model, the task metric for circuit / full / empty, faithfulness.
 
-The ablation and the embedding mode default to the ones the circuit was made with (our
-files store them; EAP-IG/MIB files have one ``input`` node and are taken as corrupted
-ablation); an option that overrides the file's setting says so. Mean ablation takes its
-means over the task's training batches, as prune does.
+The ablation, the embedding mode and the k/v readers default to the ones the circuit was
+made with (our files store them; EAP-IG/MIB files have one ``input`` node and are taken as
+corrupted ablation on the grouped graph); an option that overrides the file's setting says
+so. Mean ablation takes its means over the task's training batches, as prune does. A score
+file (every edge in_graph false, MIB's importances) needs ``--top-n`` or ``--top-percent``;
+a MIB file of a grouped-query model loads into the per-query-head graph
+(``--kv-per-query-head``) as it is, or into the grouped one by ``--gqa``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
 from ..staging import staged_file
-from .common import add_model_options, add_task_source, load_model_for, load_task, load_tokenizer, print_metrics
+from .common import (
+    add_model_options,
+    add_selection_options,
+    add_task_source,
+    load_model_for,
+    load_task,
+    load_tokenizer,
+    print_metrics,
+)
 
 NAME = "eval"
 HELP = "evaluate a circuit file (ours or EAP-IG/MIB) on a task"
@@ -24,46 +35,53 @@ def add_arguments(ev: ArgumentParser) -> None:
     ev.add_argument("circuit", type=Path)
     add_model_options(ev, stored=True)
     add_task_source(ev)
+    add_selection_options(ev)
     ev.add_argument("--split", choices=["train", "validation"], default="validation")
     ev.add_argument("--out", type=Path, default=None, help="write the circuit with its metrics to this JSON file")
 
 
-def stored_settings(path: Path) -> tuple[str | None, bool | None]:
-    """(ablation, split_embeds) a circuit file was made with; None where it does not say."""
+def stored_settings(path: Path) -> dict[str, object | None]:
+    """{ablation, split_embeds, kv_per_query_head} a circuit file was made with; None where it does not say."""
     from ..circuit import read_circuit_json
     from ..formats import is_eap_ig
 
     d = read_circuit_json(path)
-    if is_eap_ig(d):
-        return None, False  # their graph has one input node
+    if is_eap_ig(d):  # their graph: one input node; the k/v question is --gqa's
+        return {"ablation": None, "split_embeds": False, "kv_per_query_head": None}
     graph = d.get("graph") or {}
-    return (d.get("config") or {}).get("ablation"), graph.get("split_embeds")
+    return {"ablation": (d.get("config") or {}).get("ablation"), "split_embeds": graph.get("split_embeds"),
+            "kv_per_query_head": graph.get("kv_per_query_head")}
 
 
-def resolve(args: Namespace, path: Path, err=None) -> tuple[str, bool]:
-    """The ablation and embedding mode to use: the options where given (said when they override
-    the file's), else the file's, else corrupted / one embeds node."""
+DEFAULTS = {"ablation": "corrupted", "split_embeds": False, "kv_per_query_head": False}
+
+
+def resolve(args: Namespace, path: Path, err=None) -> dict[str, object]:
+    """The settings to use: the options where given (said when they override the file's),
+    else the file's, else DEFAULTS."""
     err = sys.stderr if err is None else err
-    file_ablation, file_split = stored_settings(path)
-    chosen = []
-    for flag, given, stored, fallback in (("--ablation", args.ablation, file_ablation, "corrupted"),
-                                          ("--split-embeds", args.split_embeds, file_split, False)):
+    chosen = {}
+    for name, stored in stored_settings(path).items():
+        given = getattr(args, name)
         if given is not None and stored is not None and given != stored:
-            print(f"note: {flag} {given} overrides the circuit file's {stored}", file=err)
-        chosen.append(given if given is not None else stored if stored is not None else fallback)
-    return chosen[0], bool(chosen[1])
+            print(f"note: --{name.replace('_', '-')} {given} overrides the circuit file's {stored}", file=err)
+        chosen[name] = given if given is not None else stored if stored is not None else DEFAULTS[name]
+    return chosen
 
 
 def run(args: Namespace) -> int:
     from ..circuit import evaluate_circuit
     from ..formats import load_circuit
 
-    ablation, split = resolve(args, args.circuit)
+    settings = resolve(args, args.circuit)
     tokenizer = load_tokenizer(args.model)
     task = load_task(args, tokenizer)
     batches = task.batches(args.batch_size, args.split)
-    model = load_model_for(args, ablation, task.batches(args.batch_size, "train"), split_embeds=split)
-    circuit = load_circuit(args.circuit, model.graph)
+    ablation = settings["ablation"]
+    model = load_model_for(args, ablation, task.batches(args.batch_size, "train"),
+                           split_embeds=bool(settings["split_embeds"]),
+                           kv_per_query_head=bool(settings["kv_per_query_head"]))
+    circuit = load_circuit(args.circuit, model.graph, gqa=args.gqa, top_n=args.top_n, top_percent=args.top_percent)
     circuit = evaluate_circuit(model, circuit, task, batches)
     circuit = circuit.with_metrics({"ablation": ablation})
     print(f"{args.circuit} on {args.data or args.task} ({args.split}, {circuit.metrics['n_examples']} examples, "

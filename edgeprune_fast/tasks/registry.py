@@ -1,4 +1,5 @@
-"""``get_task``: a task by name ("ioi", "greater-than", "gendered-pronouns") or a JSONL path.
+"""``get_task``: a task by name ("ioi", "greater-than", "gendered-pronouns"), a JSONL path, or a
+local copy of a MIB data set (mib/tasks.py: rows in MIB's schema, found by their columns).
 
 Every generated task is built as ``factory(tokenizer, n_examples=, n_validation=, seed=,
 **options)`` and returns a :class:`~edgeprune_fast.tasks.base.Task` with "train" and
@@ -47,9 +48,17 @@ def get_task(name_or_path: str | Path, tokenizer, *, n_examples: int | None = No
     for greater-than, ``data=`` a JSON file of templates and word lists)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if isinstance(name_or_path, Path) or text.endswith(".jsonl") or (text not in TASKS and path.is_file()):
+    if isinstance(name_or_path, Path) or text.endswith(".jsonl") or (text not in TASKS and path.exists()):
         if options:
             raise ValueError(f"options: a JSONL task takes none, got {sorted(options)}")
+        from ..mib.tasks import is_mib_data, load_mib_task
+
+        if is_mib_data(path):  # a local copy of a MIB data set (rows in its schema), MIB's tokenisation
+            task = load_mib_task(path, tokenizer)
+            for split, count in (("train", n_examples), ("validation", n_validation)):
+                if count is not None:
+                    task.splits[split] = task.splits.get(split, [])[:count]
+            return task
         return load_jsonl(path, tokenizer, n_examples=n_examples, n_validation=n_validation)
     key = text.strip().lower().replace("_", "-")
     if key not in TASKS:

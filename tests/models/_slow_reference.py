@@ -37,11 +37,11 @@ def parts(model):
     raise ValueError(name)
 
 
-def names(model, split_embeds=False):
+def names(model, split_embeds=False, kv_per_query_head=False):
     cfg = model.config
     L = cfg.num_hidden_layers
     H = cfg.num_attention_heads
-    K = getattr(cfg, "num_key_value_heads", None) or H
+    K = H if kv_per_query_head else getattr(cfg, "num_key_value_heads", None) or H
     writers = ["tok_embeds", "pos_embeds"] if split_embeds else ["embeds"]
     layers = []
     for layer in range(L):
@@ -103,10 +103,11 @@ def _llama_layout(model, blk):
     return (norm1, norm2, proj, o_w, at.o_proj.bias, at.scaling, softcap, window, *(post or (None, None)))
 
 
-def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None):
+def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None, kv_per_query_head=False):
     """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero).
     attention_mask [B, S] (1 = token): padded keys are masked; positions stay arange(S) as in HF;
-    a query that sees no key gets z = 0."""
+    a query that sees no key gets z = 0. kv_per_query_head: every query head has its own k/v
+    reader, projected with its KV group's weights."""
     arch, base, blocks, final_norm, rotary = parts(model)
     cfg = model.config
     B, S = ids.shape
@@ -115,7 +116,8 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
     D = cfg.hidden_size
     dh = D // H
     pos = torch.arange(S)[None]
-    writers, layers = names(model, split_embeds)
+    writers, layers = names(model, split_embeds, kv_per_query_head)
+    KR = H if kv_per_query_head else K  # k/v readers per layer
     y = {}
     if arch == "gpt2":
         tok, pe = base.wte(ids), base.wpe(pos).expand(B, S, D)
@@ -162,11 +164,12 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
 
             o_w = lambda h, at=at: at.dense.weight[:, h * dh:(h + 1) * dh].T  # noqa: E731
             o_b, scale = at.dense.bias, at.scaling
-        ks = [proj(norm1(read(r, n_up)), 1, g) for g, r in enumerate(k_names)]
-        vs = [proj(norm1(read(r, n_up)), 2, g) for g, r in enumerate(v_names)]
+        group = (lambda i: i // (H // K)) if KR == H else (lambda i: i)  # reader i -> its KV head
+        ks = [proj(norm1(read(r, n_up)), 1, group(i)) for i, r in enumerate(k_names)]
+        vs = [proj(norm1(read(r, n_up)), 2, group(i)) for i, r in enumerate(v_names)]
         outs = []
         for h, r in enumerate(q_names):
-            q, k, v = proj(norm1(read(r, n_up)), 0, h), ks[h // (H // K)], vs[h // (H // K)]
+            q, k, v = proj(norm1(read(r, n_up)), 0, h), ks[h // (H // KR)], vs[h // (H // KR)]
             if rotary is not None:
                 cos, sin = rotary(q, pos)
                 fn = sys.modules[type(at).__module__].apply_rotary_pos_emb

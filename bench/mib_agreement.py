@@ -1,0 +1,268 @@
+"""`edgeprune mib evaluate` against MIB's own evaluation, on tiny random models; and their speed.
+
+MIB's evaluation is hannamw/MIB-circuit-track ``MIB_circuit_track.evaluation.evaluate_area_under_curve``
+with its pinned EAP-IG (hannamw/EAP-IG 7af394a, the submodule of MIB's repository) on
+TransformerLens 2.9.1 and transformers 4.46.3 (MIB's environment.yml). Those need an
+environment of their own (their transformers is older than ours), so this runs in two stages:
+
+    .venv/bin/python -m bench.mib_agreement --reference-python .venv-ref/bin/python
+
+- stage "reference" (that interpreter): builds tiny GPT-2 and Qwen2 models (random weights,
+  random biases; Qwen2 with grouped-query attention) and saves them with the tests' tokenizer,
+  writes a score file per model with EAP-IG's own ``Graph.to_json`` (random scores, signs mixed),
+  copies MIB-schema data (tests/data/mib) as ``validation.jsonl`` folders, and runs MIB's
+  evaluation for each case (patching and zero ablation; |score| and signed ranking), loading the
+  models with TransformerLens' ``from_pretrained`` processing (fold_ln, center_writing_weights,
+  center_unembed, fold_value_biases) and MIB's flags (split qkv input, attn result, mlp in,
+  ungrouped GQA);
+- stage "ours" (this environment): the same files through ``edgeprune_fast.mib`` under MIB's
+  conventions; compares every faithfulness, CPR and CMD, and times both.
+
+Writes bench/results/mib_agreement.json (machine, versions, git revision, per case: MIB's and
+our faithfulness per budget, CPR, CMD, the largest difference, seconds: each side's ranking,
+budgets, prune and evaluation, the models already loaded; ours after one warm-up call).
+
+MIB's environment, as built for the recorded results (torch and the rest come from .venv)::
+
+    python3 -m venv .venv-ref
+    .venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
+        > .venv-ref/lib/python3.11/site-packages/base.pth
+    .venv-ref/bin/pip install "transformers==4.46.3" "datasets==3.1.0" einops fancy-einsum jaxtyping \
+        "beartype<0.15" better-abc "typeguard>=4.2,<5" rich pandas wandb tabulate
+    .venv-ref/bin/pip install --no-deps "transformer-lens==2.9.1" EAP-IG@7af394a MIB-circuit-track
+    # (the last two from `git archive` of hannamw/EAP-IG 7af394a and hannamw/MIB-circuit-track HEAD)
+
+tests/bench/test_mib_agreement.py runs the tiny cases when MIB_REFERENCE_PYTHON names that
+interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "mib"
+CASES = [  # (name, model, task file, ablation, absolute, batch size)
+    ("gpt2-ioi-patching-abs", "gpt2", "ioi", "patching", True, 2),
+    ("gpt2-ioi-patching-signed", "gpt2", "ioi", "patching", False, 3),
+    ("gpt2-ioi-zero-abs", "gpt2", "ioi", "zero", True, 2),
+    ("gpt2-arith-patching-abs", "gpt2", "arithmetic_addition", "patching", True, 2),
+    ("qwen2-ioi-patching-abs", "qwen2", "ioi", "patching", True, 2),
+    ("qwen2-ioi-zero-abs", "qwen2", "ioi", "zero", True, 2),
+    ("qwen2-mcqa-patching-signed", "qwen2", "mcqa", "patching", False, 2),
+    ("gpt2small-ioi-patching-abs", "gpt2small", "ioi", "patching", True, 5),  # GPT-2 small's shape: speed
+]
+
+
+# -- stage "reference" (MIB's environment) -----------------------------------------------------------------
+def _tiny_models(work: Path, names) -> None:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests" / "tasks"))
+    from _task_tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    common = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    configs = {  # n_ctx: TransformerLens 2.9 reads it from GPT-2 configs
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=64, n_ctx=64, **common)),
+        "gpt2small": lambda: GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=128,
+                                                        n_ctx=128, **common)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                                      hidden_size=32, intermediate_size=48, max_position_embeddings=64,
+                                                      tie_word_embeddings=False, **common)),
+    }
+    for name in sorted(names):
+        model = configs[name]()
+        torch.manual_seed(len(name))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+                if "norm" in pname or "ln_" in pname:
+                    p.add_(1.0)
+        model.eval().save_pretrained(work / name)
+        tok.save_pretrained(work / name)
+
+
+def _tl_model(path: Path):
+    import torch
+    import transformer_lens.loading_from_pretrained as loading
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    # HookedTransformer.from_pretrained without its hub-name lookup (the model is a local folder)
+    cfg = loading.get_pretrained_model_config(str(path), hf_cfg=hf.config.to_dict(), fold_ln=True, device="cpu",
+                                              dtype=torch.float32)
+    state = loading.get_pretrained_state_dict(str(path), cfg, hf, dtype=torch.float32)
+    model = HookedTransformer(cfg, tok, move_to_device=False)
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
+                                      fold_value_biases=True, refactor_factored_attn_matrices=False)
+    model.cfg.use_split_qkv_input = True  # MIB's run_evaluation.py
+    model.cfg.use_attn_result = True
+    model.cfg.use_hook_mlp_in = True
+    model.cfg.ungroup_grouped_query_attention = True
+    return model
+
+
+def reference(work: Path, cases=CASES) -> None:
+    import torch
+    from eap.graph import Graph
+    from MIB_circuit_track.dataset import HFEAPDataset
+    from MIB_circuit_track.evaluation import evaluate_area_under_curve
+    from MIB_circuit_track.metrics import get_metric
+
+    _tiny_models(work, {c[1] for c in cases})
+    for task in {c[2] for c in cases}:
+        folder = work / "data" / task
+        if task == "mcqa":  # MIB loads the config "4_answer_choices": the HF repository's layout, with its card
+            (folder / "4_answer_choices").mkdir(parents=True, exist_ok=True)
+            shutil.copy(DATA / "mcqa.jsonl", folder / "4_answer_choices" / "validation.jsonl")
+            (folder / "README.md").write_text("---\nconfigs:\n- config_name: 4_answer_choices\n  data_files:\n"
+                                              "  - split: validation\n    path: 4_answer_choices/validation.jsonl\n---\n")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(DATA / f"{task}.jsonl", folder / "validation.jsonl")
+    models, results = {}, {}
+    for name, model_name, task, ablation, absolute, batch_size in cases:
+        if model_name not in models:
+            models[model_name] = _tl_model(work / model_name)
+            g = Graph.from_model(models[model_name])
+            gen = torch.Generator().manual_seed(1)
+            g.scores[:] = torch.randn(g.scores.shape, generator=gen) * g.real_edge_mask  # signs mixed
+            g.to_json(str(work / f"{model_name}.scores.json"))
+        model = models[model_name]
+        graph = Graph.from_json(str(work / f"{model_name}.scores.json"))
+        mib_task = {"arithmetic_addition": "arithmetic_addition"}.get(task, task)
+        dataset = HFEAPDataset(str(work / "data" / task), model.tokenizer, split="validation", task=mib_task,
+                               model_name=model_name)
+        metric = get_metric("logit_diff", mib_task, model.tokenizer, model)
+        started = time.perf_counter()
+        counts, area_under, area_from_1, average, faithfulness = evaluate_area_under_curve(
+            model, graph, dataset.to_dataloader(batch_size), partial(metric, mean=False, loss=False),
+            quiet=True, absolute=absolute, intervention=ablation)
+        results[name] = {"seconds": time.perf_counter() - started, "faithfulness": faithfulness, "cpr": area_under,
+                         "cmd": area_from_1, "average": average, "weighted_edge_counts": counts,
+                         "n_examples": len(dataset), "n_edges": len(graph.edges)}
+    import hashlib
+    import importlib.metadata as md
+
+    import eap
+    import MIB_circuit_track
+    import transformers
+
+    def sha(module, name):  # identifies the code that ran (compare with `git show <commit>:<path> | sha256sum`)
+        folder = Path(next(iter(module.__path__)))  # a package, maybe without __init__.py (MIB_circuit_track)
+        return hashlib.sha256((folder / name).read_bytes()).hexdigest()[:16]
+
+    def origin(dist):
+        try:
+            return json.loads(md.distribution(dist).read_text("direct_url.json") or "{}").get("url")
+        except md.PackageNotFoundError:
+            return None
+
+    results["_versions"] = {
+        "transformer_lens": md.version("transformer_lens"), "transformers": transformers.__version__,
+        "torch": torch.__version__, "eap": {"installed_from": origin("eap"), "graph.py": sha(eap, "graph.py"),
+                                           "evaluate.py": sha(eap, "evaluate.py"), "utils.py": sha(eap, "utils.py")},
+        "MIB_circuit_track": {"installed_from": origin("MIB_circuit_track"),
+                              "evaluation.py": sha(MIB_circuit_track, "evaluation.py"),
+                              "dataset.py": sha(MIB_circuit_track, "dataset.py")}}
+    (work / "reference.json").write_text(json.dumps(results, indent=1))
+
+
+# -- stage "ours" -------------------------------------------------------------------------------------------
+def ours(work: Path, cases=CASES) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgeprune_fast.mib.evaluate import (
+        budgets,
+        curve_percents,
+        evaluate_budgets,
+        mib_zero_writers,
+        order_from_file,
+        summarise,
+    )
+    from edgeprune_fast.mib.tasks import load_mib_task
+    from edgeprune_fast.model import EdgePrunedModel
+
+    torch.set_num_threads(1)
+    ref = json.loads((work / "reference.json").read_text())
+    out = {}
+    for name, model_name, task, ablation, absolute, batch_size in cases:
+        path = work / model_name
+        tok = AutoTokenizer.from_pretrained(path)
+        mib_task = load_mib_task(work / "data" / task, tok)
+        batches = mib_task.batches(batch_size, "validation")
+        model = EdgePrunedModel.from_pretrained(path, ablation="corrupted", kv_per_query_head=True)
+        if ablation == "zero":
+            S = max(b.input_ids.shape[1] for b in batches)
+            model = EdgePrunedModel.from_hf(model.hf, ablation="mean", mean_writers=mib_zero_writers(model, S),
+                                            kv_per_query_head=True)
+        d = json.loads((work / f"{model_name}.scores.json").read_text())
+        if not out:  # warm up (first calls pick the backends); MIB's time also excludes loading its model
+            evaluate_budgets(model, budgets(model.graph, torch.randperm(model.graph.n_edges), [1.0], pruned=False),
+                             batches[:1], mib_task.metric)
+        started = time.perf_counter()  # as MIB's: ranking, budgets, prune, evaluation
+        order = order_from_file(d, model.graph, absolute=absolute)
+        circuits = budgets(model.graph, order, curve_percents(), pruned=True)
+        result = evaluate_budgets(model, circuits, batches, mib_task.metric)
+        seconds = time.perf_counter() - started
+        by_percent = {round(p["percent"], 10): p for p in result["points"]}
+        fs = [by_percent[round(100 * f, 10)]["faithfulness"] for f in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1,
+                                                                        0.2, 0.5, 1)]
+        summary = summarise(result["points"])
+        theirs = ref[name]
+        diffs = [abs(a - b) for a, b in zip(fs, theirs["faithfulness"])]
+        counts = [by_percent[round(100 * f, 10)]["n_edges_kept"] for f in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                                                                            0.1, 0.2, 0.5, 1)]
+        out[name] = {
+            "model": model_name, "task": task, "ablation": ablation, "absolute": absolute, "batch_size": batch_size,
+            "n_examples": result["n_examples"], "n_examples_mib": theirs["n_examples"], "n_edges": model.graph.n_edges,
+            "n_edges_mib": theirs["n_edges"], "edges_kept": counts, "edges_kept_mib": theirs["weighted_edge_counts"],
+            "faithfulness": fs, "faithfulness_mib": theirs["faithfulness"], "max_abs_diff": max(diffs),
+            "cpr": summary["cpr"], "cpr_mib": theirs["cpr"], "cmd": summary["cmd"], "cmd_mib": theirs["cmd"],
+            "seconds": seconds, "seconds_mib": theirs["seconds"], "speedup": theirs["seconds"] / seconds,
+        }
+        print(f"{name:30s} max |f - f_MIB| = {max(diffs):.2e}   CPR {summary['cpr']:.5f} vs {theirs['cpr']:.5f}   "
+              f"CMD {summary['cmd']:.5f} vs {theirs['cmd']:.5f}   {seconds:.2f} s vs {theirs['seconds']:.2f} s")
+    return {"cases": out, "reference_versions": ref["_versions"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stage", choices=["reference", "ours", "both"], default="both")
+    p.add_argument("--reference-python", default=str(ROOT / ".venv-ref" / "bin" / "python"),
+                   help="the interpreter of MIB's environment (transformer_lens, eap, MIB_circuit_track)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "mib_agreement")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mib_agreement.json")
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
+    args = p.parse_args()
+    cases = CASES if args.cases is None else [c for c in CASES if c[0] in args.cases.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "reference":
+        reference(args.work, cases)
+        return
+    if args.stage == "both":
+        cmd = [args.reference_python, __file__, "--stage", "reference", "--work", str(args.work)]
+        subprocess.run(cmd + ([] if args.cases is None else ["--cases", args.cases]), check=True)
+    from bench.common import machine
+
+    result = {"machine": machine(), **ours(args.work, cases)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
