@@ -34,8 +34,9 @@ from edgeprune_fast.ops import (  # noqa: E402
 from edgeprune_fast.ops.backends import triton as triton_backend  # noqa: E402
 
 pytest.importorskip("triton")
-# Triton's interpreter itself converts scalar loop bounds with a numpy call newer numpy deprecates
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = [pytest.mark.cuda,  # the CUDA subset (bench/gpu_check.sh runs `-m cuda` on the GPU)
+              # Triton's interpreter itself converts scalar loop bounds with a numpy call newer numpy deprecates
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
 
 from tests.ops._edge_mix_cases import (  # noqa: E402
     assert_grad_into_agrees,
@@ -167,8 +168,7 @@ def test_base_is_added_to_every_reader(dtype, corrupted):
 @pytest.mark.parametrize("max_programs", [1, 2, None])
 def test_mix_backward_persistent_grid(max_programs):
     """Fewer programs than column blocks: each accumulates its partial grad_z over several."""
-    from edgeprune_fast.kernels import mix_backward
-
+    mix_backward = triton_backend.load_kernels().mix_backward
     R, W, M = 3, 5, 200  # 4 column blocks of 64
     z, g = torch.rand(R, W).to(DEVICE), torch.randn(R, M).to(DEVICE)
     clean, corrupt = torch.randn(W, M).to(DEVICE), torch.randn(W, M).to(DEVICE)
@@ -223,8 +223,7 @@ def test_seed_same_bits_and_different_seeds():
 @pytest.mark.parametrize("training,seeded", [(True, True), (True, False), (False, False)])
 def test_sampling_in_kernel_or_pre_pass_same_bits(training, seeded):
     """Masks sampled inside the mixing kernel or by the pre-pass: the same z_eff bits."""
-    from edgeprune_fast.kernels import edge_mix_forward
-
+    edge_mix_forward = triton_backend.load_kernels().edge_mix_forward
     R, W, M = 3, 37, 300  # 3 column blocks: every column program samples in the fused path
     la, ln, _, _, ue, un = _inputs(R, W, 1, 1, corrupted=False, node=True)
     clean, corrupt = torch.randn(W, M).to(DEVICE), torch.randn(W, M).to(DEVICE)
@@ -296,7 +295,8 @@ BUILD_H100 = r"""
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from edgeprune_fast.kernels import edge_mix as em, hard_concrete as hc
+from edgeprune_fast.ops.backends.triton import load_kernels
+em, hc = load_kernels().edge_mix, load_kernels().hard_concrete
 
 DATA = ("x_ptr", "clean_ptr", "corrupt_ptr", "grad_clean_ptr", "grad_x_ptr")
 FLOATS = ("beta", "scale", "left", "eps")
