@@ -335,6 +335,7 @@ def _measure_mix(kernels, params, R: int, W: int, M: int, dt: torch.dtype, dev: 
                  peak: dict) -> dict:
     """One read's forward and backward kernels: checked against the reference, then timed."""
     from bench.common import median_time
+    from edgeprune_fast.ops.backends.triton import load_kernels
 
     la, ln, ue, un, delta, base, grad_x = _mix_inputs(R, W, M, dt, dev)
 
@@ -350,14 +351,25 @@ def _measure_mix(kernels, params, R: int, W: int, M: int, dt: torch.dtype, dev: 
     def bwd():
         return kernels.mix_backward(grad_x, z, delta, None, grad_clean_out=sink)
 
+    # the backward's persistent grid at one program per SM instead of two: half the partials'
+    # footprint in L2, which matters towards ~1,000 writers (kernels/edge_mix.py docstring)
+    one_per_sm = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
+    mix_backward = load_kernels().mix_backward
+
+    def bwd_one_per_sm():
+        return mix_backward(grad_x, z, delta, None, max_programs=one_per_sm, grad_clean_out=sink)
+
     t_f = median_time(fwd, warmup=1, reps=reps, device=dev)
     t_b = median_time(bwd, warmup=1, reps=reps, device=dev)
+    t_b1 = median_time(bwd_one_per_sm, warmup=1, reps=reps, device=dev)
     e = delta.element_size()
     masks = 3 * R * W * 4 + 2 * W * 4  # log_alpha and u read, z_eff written; the node masks' two
     b_f = W * M * e + 4 * M + R * M * e + masks
     b_b = R * M * e + 3 * W * M * e + 2 * R * W * 4  # grad_x, delta, grad_clean twice; z and grad_z
     row.update(forward_seconds=t_f, backward_seconds=t_b, forward_bytes=b_f, backward_bytes=b_b,
-               forward_GBps=round(b_f / t_f / 1e9, 1), backward_GBps=round(b_b / t_b / 1e9, 1))
+               forward_GBps=round(b_f / t_f / 1e9, 1), backward_GBps=round(b_b / t_b / 1e9, 1),
+               backward_one_program_per_sm={"programs": one_per_sm, "seconds": t_b1,
+                                            "GBps": round(b_b / t_b1 / 1e9, 1)})
     if peak["peak_TBps"]:
         for k in ("forward", "backward"):
             row[f"{k}_percent_of_peak"] = round(100 * row[f"{k}_GBps"] / (peak["peak_TBps"] * 1e3), 1)

@@ -163,18 +163,20 @@ def markdown(r: dict) -> str:
     peak = b.get("peak", {})
     out += ["", "## edge_mix bandwidth", "", f"status {b['status']}; peak: {peak.get('entry', '-')}; "
             f"device-to-device copy: {b.get('copy_GBps', '-')} GB/s", "",
-            "| model | group | R x W | dtype | fwd ms | fwd GB/s (% peak) | bwd ms | bwd GB/s (% peak) | matches |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+            "| model | group | R x W | dtype | fwd ms | fwd GB/s (% peak) | bwd ms | bwd GB/s (% peak) "
+            "| bwd ms, 1 program/SM | matches |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for x in b.get("rows", []):
         if "error" in x:
             out.append(f"| {x['model']} | {x['group']} | {x['R']} x {x['W']} | {x['dtype']} | error: {x['error'][:100]} "
-                       "| | | | |")
+                       "| | | | | |")
             continue
         pct = {k: f" ({x[f'{k}_percent_of_peak']} %)" if f"{k}_percent_of_peak" in x else "" for k in ("forward",
                                                                                                   "backward")}
         out.append(f"| {x['model']} | {x['group']} | {x['R']} x {x['W']} | {x['dtype']} | "
                    f"{1e3 * x['forward_seconds']:.3f} | {x['forward_GBps']}{pct['forward']} | "
                    f"{1e3 * x['backward_seconds']:.3f} | {x['backward_GBps']}{pct['backward']} | "
+                   f"{1e3 * x['backward_one_program_per_sm']['seconds']:.3f} | "
                    f"{'yes' if x['check']['ok'] else '**no**'} |")
     ll = r["llama_8b"]
     out += ["", "## Llama-3.1-8B-shaped step", "", f"status {ll['status']}; {ll.get('n_params', 0) / 1e9:.2f} B "
