@@ -397,3 +397,15 @@ def test_triton_not_installed(monkeypatch):
                         lambda name, *a: None if name == "triton" else real(name, *a))
     why = triton_backend.TritonBackend().unavailable("hard_concrete", [torch.zeros(2, device=DEVICE)])
     assert any("not installed" in w for w in why)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_automatic_choice_on_cuda_tensors_is_triton(monkeypatch):
+    """On the GPU every op goes to the kernels by itself, also where the package runs from a
+    checkout that was never installed (bench/gpu_check.sh)."""
+    from edgeprune_fast.ops import backends
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    for op in backends.OPS:
+        assert backends.choose(op, [torch.zeros(2, 2, device="cuda")]).name == "triton", backends.report(
+            op, [torch.zeros(2, 2, device="cuda")])
