@@ -6,9 +6,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH  ?= torch==2.13.0
+# the GPU image's Triton (its interpreter needs numpy < 2.4)
 TRITON ?= triton==3.6.0
+# The second venv (make test-triton-next): a newer Triton, today's numpy and the GPU image's
+# transformers, the package run from the checkout (PYTHONPATH, no compiled extension) as there
+NEXT_VENV    ?= .venv-triton-next
+NEXT_PY      := $(NEXT_VENV)/bin/python
+NEXT_PINS    ?= triton==3.9.0 numpy==2.4.6 "transformers==5.17.*"
+NEXT_TESTS   ?= tests/ops tests/models
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test test-triton-next gpu-pytest bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +37,23 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q --durations=15
 
+# The kernels (interpreted, and built for sm_90 without a GPU) and the model tests on the
+# second venv's versions; .ci/run runs it after `make test`
+test-triton-next: $(NEXT_VENV)/.installed
+	PYTHONPATH=. $(NEXT_PY) -m pytest -q -p no:cacheprovider --durations=5 $(NEXT_TESTS)
+
+$(NEXT_VENV)/.installed: Makefile
+	test -x $(NEXT_PY) || python3 -m venv $(NEXT_VENV)
+	$(NEXT_PY) -m pip --disable-pip-version-check -q install "$(TORCH)"
+	$(NEXT_PY) -m pip --disable-pip-version-check -q install $(NEXT_PINS) safetensors tqdm pytest
+	touch $@
+
+# pytest as pure-Python wheels for Python 3.12 in .gpu-pytest/, for a GPU machine that has
+# none (bench/gpu_check.sh puts the folder on PYTHONPATH when it is there)
+gpu-pytest:
+	python3 -m pip --disable-pip-version-check -q install --target .gpu-pytest --python-version 3.12 \
+	  --only-binary=:all: --upgrade pytest
+
 bench: setup
 	$(PY) bench/ops_bench.py
 
@@ -37,4 +61,4 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info edgeprune_fast/_C*.so
+	rm -rf $(VENV) $(NEXT_VENV) .gpu-pytest build *.egg-info edgeprune_fast/_C*.so

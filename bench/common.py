@@ -71,11 +71,13 @@ def _status_kb(field: str) -> int:
 
 class PeakMemory:
     """Peak memory above the level at entry, in bytes: CUDA allocator stats on GPU,
-    the resident high-water mark on CPU."""
+    the resident high-water mark on CPU. On CUDA also ``total_peak_bytes``: the peak of
+    everything allocated (what was there at entry included)."""
 
     def __init__(self, device: str = "cpu"):
         self.device = device
         self.peak_bytes = 0
+        self.total_peak_bytes = 0
 
     def __enter__(self):
         if self.device == "cuda":
@@ -90,7 +92,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
-            self.peak_bytes = torch.cuda.max_memory_allocated() - self._base
+            self.total_peak_bytes = torch.cuda.max_memory_allocated()
+            self.peak_bytes = self.total_peak_bytes - self._base
         else:
             self.peak_bytes = _status_kb("VmHWM") * 1024 - self._base
         return False

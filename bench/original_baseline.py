@@ -54,9 +54,10 @@ class OriginalGPT2:
         self.readers.append("resid_post")
         # kept on the model's device, as the original's buffers (no copies per step): per reader
         # 1 on its upstream slots, and the one-hot placement matrix of every slot
-        dev = hf_model.device
-        self._valid = {r: (torch.arange(self.W, device=dev) < self.upstream(r)).float() for r in self.readers}
-        self._one_hot = torch.eye(self.W, device=dev)
+        # (in the model's dtype: a float32 buffer would promote the bf16 states to float32)
+        dev, dt = hf_model.device, hf_model.dtype
+        self._valid = {r: (torch.arange(self.W, device=dev) < self.upstream(r)).to(dt) for r in self.readers}
+        self._one_hot = torch.eye(self.W, device=dev, dtype=dt)
         self.n_edges = sum(self.upstream(r) for r in self.readers)
 
     # -- masks ----------------------------------------------------------------------------
@@ -118,8 +119,10 @@ class OriginalGPT2:
         ablation)."""
         hf, H, dh, D, W = self.hf.transformer, self.H, self.dh, self.D, self.W
         B, S = input_ids.shape
-        dev = input_ids.device
-        node = torch.ones(W, device=dev) if node is None else node
+        dev, dt = input_ids.device, self._one_hot.dtype
+        # masks are sampled in float32; a 16-bit model mixes with them in its own dtype
+        masks = {r: m.to(dt) for r, m in masks.items()}
+        node = torch.ones(W, device=dev, dtype=dt) if node is None else node.to(dt)
         tok, pos = hf.wte(input_ids), hf.wpe(torch.arange(S, device=dev)).expand(B, S, D)
         tok = tok * node[0] + (0 if corrupt is None else corrupt[0] * (1 - node[0]))
         pos = pos * node[1] + (0 if corrupt is None else corrupt[1] * (1 - node[1]))

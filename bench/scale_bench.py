@@ -56,10 +56,13 @@ def build(point: dict, device: str):
 
     from edgeprune_fast.model import EdgePrunedModel
 
-    cfg = LlamaConfig(num_hidden_layers=point["n_layers"], num_attention_heads=point["n_heads"],
-                      num_key_value_heads=point["n_kv_heads"], hidden_size=point["d_model"],
-                      intermediate_size=point["d_mlp"], vocab_size=point["vocab"],
-                      max_position_embeddings=max(128, point["seq"]))
+    if "config" in point:  # a real model's config.json values (bench/gpu_check.py: Llama-3.1-8B)
+        cfg = LlamaConfig.from_dict(point["config"])
+    else:
+        cfg = LlamaConfig(num_hidden_layers=point["n_layers"], num_attention_heads=point["n_heads"],
+                          num_key_value_heads=point["n_kv_heads"], hidden_size=point["d_model"],
+                          intermediate_size=point["d_mlp"], vocab_size=point["vocab"],
+                          max_position_embeddings=max(128, point["seq"]))
     dtype, default = getattr(torch, point["dtype"]), torch.get_default_dtype()
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)  # built in the model dtype, on the device: no float32 copy of a large model
@@ -125,6 +128,8 @@ def measure(point: dict, device: str = "cpu", reps: int = 0) -> dict:
            "edge_mix_backend": backend, "measured_bytes": pm.peak_bytes, "predicted_step_bytes": predicted_step,
            "predicted_peak_bytes": p.peak_bytes, "predicted_phase": p.peak_phase, "weights_bytes": weights,
            "ratio": pm.peak_bytes / predicted_step}
+    if device == "cuda":  # everything allocated at the step's peak (weights included), against the plan's peak
+        row.update(measured_total_peak_bytes=pm.total_peak_bytes, total_ratio=pm.total_peak_bytes / p.peak_bytes)
     if reps:
         row["step_seconds"] = median_time(step, warmup=0, reps=reps, device=device)
     return row

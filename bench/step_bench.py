@@ -240,14 +240,17 @@ def run_child(p: Point, args, methods: list[str], mode: str) -> tuple[list[dict]
                 for m in methods]
 
 
-def measure_point(p: Point, args, dtype: torch.dtype, methods: list[str]) -> tuple[list[dict], list[dict]]:
-    """``methods`` at one point, in this process (see ``measure``)."""
+def measure_point(p: Point, args, dtype: torch.dtype, methods: list[str],
+                  config: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """``methods`` at one point, in this process (see ``measure``). ``config``: GPT2Config
+    arguments beyond n_layer (default: GPT-2 small's width)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from edgeprune_fast.ops import backends
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=p.n_layer)).to(args.device, dtype).eval().requires_grad_(False)
+    cfg = GPT2Config(n_layer=p.n_layer, **(config or {}))
+    hf = GPT2LMHeadModel(cfg).to(args.device, dtype).eval().requires_grad_(False)
     V, D = hf.config.vocab_size, hf.config.n_embd
     ids = torch.randint(0, V, (p.batch, p.seq), device=args.device)
     cids = torch.randint(0, V, (p.batch, p.seq), device=args.device)
@@ -361,27 +364,32 @@ def profile_ours(p: Point, args, dtype: torch.dtype, stem: str) -> str:
     hf = GPT2LMHeadModel(GPT2Config(n_layer=p.n_layer)).to(args.device, dtype).eval().requires_grad_(False)
     ids = torch.randint(0, hf.config.vocab_size, (p.batch, p.seq), device=args.device)
     cids = torch.randint(0, hf.config.vocab_size, (p.batch, p.seq), device=args.device)
-    step, _ = ours_step(hf)
+    lines = profile_lines(ours_step(hf)[0], ids, cids, args.device,
+                          f"ours, one step: {p.n_layer} layers, batch {p.batch}, seq {p.seq}, {args.dtype}, "
+                          f"{args.device}")
+    path = RESULTS / f"{stem}_profile.txt"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:9]), flush=True)
+    return str(path.relative_to(RESULTS.parent.parent))
+
+
+def profile_lines(step, ids, cids, device: str, title: str, row_limit: int = 30) -> list[str]:
+    """One warm-up step, then one under torch.profiler: the time per labelled phase and the
+    top ops (by CUDA time on the GPU, CPU time otherwise), as text lines."""
+    from edgeprune_fast.ops import backends
+
     step(ids, cids)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         step(ids, cids)
     events = prof.key_averages()
     phases = sorted((e for e in events if e.key.startswith("phase: ")), key=lambda e: -e.cpu_time_total)
     total = sum(e.cpu_time_total for e in phases)
-    from edgeprune_fast.ops import backends
-
-    backend = backends.choose("edge_mix", [ids.new_zeros(1, dtype=dtype)]).name
-    lines = [f"ours, one step: {p.n_layer} layers, batch {p.batch}, seq {p.seq}, {args.dtype}, {args.device}, "
-             f"edge_mix backend {backend}", "",
-             "wall time per phase (CPU time of the labelled ranges):"]
+    backend = backends.choose("edge_mix", [ids.new_zeros(1, dtype=torch.float32)]).name
+    lines = [f"{title}, edge_mix backend {backend}", "", "wall time per phase (CPU time of the labelled ranges):"]
     lines += [f"  {e.key[7:]:<18} {e.cpu_time_total / 1e6:8.3f} s  {100 * e.cpu_time_total / total:5.1f} %" for e in phases]
-    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
-    lines += ["", events.table(sort_by=sort, row_limit=30)]
-    path = RESULTS / f"{stem}_profile.txt"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[:9]), flush=True)
-    return str(path.relative_to(RESULTS.parent.parent))
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return lines + ["", events.table(sort_by=sort, row_limit=row_limit)]
 
 
 def slope(xs: list[float], ys: list[float]) -> float | None:

@@ -34,19 +34,27 @@ corrupt)^T) into its own fp32 slice partials[pid] of a [P, R, W] buffer (no atom
 grad_z = partials.sum(0) in torch: the same inputs give the same bits. Why persistent:
 one slice per column block would be M/64 * R * W * 4 bytes (124 MB at GPT-2 small, batch
 8 x 32 tokens, R = 64, W = 158), more than the writer outputs themselves; 2 slices per SM
-are ~10 MB and stay in L2.
+are ~10 MB there and stay in L2.
 
 Memory traffic per call, for bandwidth figures (e = element size of clean, c = 2 with
-corrupt and 1 under zero ablation, n_r = cdiv(R, 64) reader blocks, 1 up to R = 64):
+corrupt and 1 under zero ablation, n_r = cdiv(R, 64) reader blocks, 1 up to R = 64, B_M
+the backward's column tile, 64 for 16-bit inputs and 32 for float32):
 
     forward   DRAM  n_r*c*W*M*e read + R*M*e written (+ R*W*4 masks)
     backward  DRAM  c*W*M*e + R*M*e read, W*M*e written, + 2*P*R*W*4 (partials, their sum)
-              L2    8*R*W bytes of partial read-modify-write per 64 columns (R*W*M/8 in all),
-                    and for R > 64 grad_x re-read once per writer block of 16
+                    (+ W*M*e read with grad_clean_out, the model's call)
+              L2    8*R*W bytes of partial read-modify-write per B_M columns (8*R*W*M/B_M in
+                    all), and for R > 64 grad_x re-read once per writer block of 16
 
 so the floor the benchmark can divide by is (c*W + R)*M*e forward and ((c+1)*W + R)*M*e
 backward; e.g. W = 158, R = 37, M = 8*32*768 (GPT-2 small, batch 8 x 32 tokens) in bf16:
-139 MB forward, 201 MB backward.
+139 MB forward, 201 MB backward. Towards ~1,000 writers the partials grow with R*W: at
+Llama-3.1-8B's last attention read (R = 48, W = 1,024, bf16) their read-modify-write per
+64 columns (393 KB) is as large as the DRAM traffic of those columns (the model's call:
+(R + 3W)*64*2 = 400 KB), and 2 slices per SM are 52 MB on an H100 (132 SMs), about its
+50 MB L2. Whether that costs DRAM bandwidth there is for the GPU to say: bench/gpu_check.sh
+times that shape with the default grid and with one program per SM (``max_programs``,
+26 MB of partials).
 """
 
 from __future__ import annotations
@@ -115,9 +123,11 @@ def _edge_mix_fwd_kernel(x_ptr, z_out_ptr, z_ptr, la_node_ptr, u_edge_ptr, u_nod
         z = _z_eff_tile(z_ptr, la_node_ptr, u_edge_ptr, u_node_ptr, offs_r, offs_w, R, W,
                         seed, beta, scale, left, eps, GIVEN_Z, HAS_NODE, TRAINING, USE_SEED)
         if not GIVEN_Z:
-            # one column block writes z_eff; the others only use it
-            mask_z = (offs_r[:, None] < R) & (offs_w[None, :] < W) & (pid_m == 0)
-            tl.store(z_out_ptr + offs_r[:, None] * W + offs_w[None, :], z, mask=mask_z)
+            # one column block writes z_eff; the others only use it. A branch, not a scalar in
+            # the mask: Triton 3.9's interpreter rejects `tensor & (pid_m == 0)` as a mask
+            if pid_m == 0:
+                tl.store(z_out_ptr + offs_r[:, None] * W + offs_w[None, :], z,
+                         mask=(offs_r[:, None] < R) & (offs_w[None, :] < W))
         mask_t = (offs_w[:, None] < W) & mask_m[None, :]
         ptrs = offs_w.to(tl.int64)[:, None] * M + offs_m[None, :]  # int64: W*M may pass 2**31
         diff = tl.load(clean_ptr + ptrs, mask=mask_t, other=0.0).to(tl.float32)
@@ -172,7 +182,8 @@ def _mix_bwd_kernel(grad_clean_ptr, partials_ptr, grad_x_ptr, z_ptr, clean_ptr, 
                 part = tl.dot(g, tl.trans(diff), input_precision=DOT_PRECISION)
                 part_ptrs = part_base + offs_r[:, None] * W + offs_w[None, :]
                 # add what earlier column blocks left; the first one starts the slice (no zero fill)
-                part += tl.load(part_ptrs, mask=mask_rw & (cb != pid), other=0.0)
+                if cb != pid:
+                    part += tl.load(part_ptrs, mask=mask_rw, other=0.0)
                 tl.store(part_ptrs, part, mask=mask_rw)
             if ACCUMULATE:  # add to the caller's gradient (summed in float32)
                 acc_c += tl.load(grad_clean_ptr + ptrs, mask=mask_t, other=0.0).to(tl.float32)
@@ -185,23 +196,30 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _config(kernel: str, R: int, M: int, dtype: torch.dtype) -> dict:
-    """Tiles and launch options of the "fwd" or "bwd" mixing kernel: a heuristic, no autotune.
+    """Tiles and launch options of the "fwd" or "bwd" mixing kernel: fixed by the dtype and
+    the reader count, no autotuning (nothing is timed or compiled at import).
 
-    Tiles are >= 16 (tl.dot's minimum) and masked at the edges. The choices are those whose
-    sm_90 builds (Triton 3.6, its bundled ptxas) spill no registers, read off ahead-of-time
-    builds without a GPU; they are not timed yet. fp32 (ieee) dots build on FMAs and need
-    narrower writer tiles than tf32 ones; the backward's reader loop with ieee dots spills
-    at 64 readers per tile, so R > 64 uses 32 there."""
+    Tiles are >= 16 (tl.dot's minimum) and masked at the edges. d_model and the writer count
+    never change a tile: the columns are M = batch * seq * d_model flattened (d_model 768 to
+    4096 only lengthen the column grid), and W only lengthens the writer loop (158 writers at
+    GPT-2 small, 1,057 at Llama-3.1-8B: 10 to 67 steps of 16). Readers: up to 64 in one tile
+    (GPT-2 small's 36 attention readers, Llama-3.1-8B's 48), reader blocks beyond.
+
+    The choices are those whose sm_90 builds spill no registers with both the GPU image's
+    Triton 3.6 and Triton 3.9 (ptxas -v on ahead-of-time builds, no GPU needed; checked by
+    tests/ops/test_triton_backend.py::test_kernels_build_for_h100); they are not timed yet
+    (bench/gpu_check.sh measures them). 16-bit inputs use tf32 dots; float32 (ieee) dots are
+    built from FMAs and need narrower tiles: in the backward, 32 columns and 8 warps (64
+    columns spill up to 1.8 KB a thread on Triton 3.9 and 28 bytes on 3.6)."""
     ieee = dtype == torch.float32
-    max_r = 32 if (kernel == "bwd" and ieee and R > MAX_BLOCK_R) else MAX_BLOCK_R
-    block_r = min(max_r, max(16, triton.next_power_of_2(R)))
+    block_r = min(MAX_BLOCK_R, max(16, triton.next_power_of_2(R)))
     if kernel == "fwd":
         block_w, block_m_max, num_stages = (16, 64, 3) if ieee else (32, 128, 3)
     else:
-        block_w, block_m_max, num_stages = (16, 64, 3) if ieee else (16, 64, 1)
+        block_w, block_m_max, num_stages = (16, 32, 2) if ieee else (16, 64, 1)
     block_m = min(block_m_max, max(16, triton.next_power_of_2(M)))
-    return dict(BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_M=block_m, num_warps=8 if block_r * block_m >= 2048 else 4,
-                num_stages=num_stages)
+    num_warps = 8 if (kernel == "bwd" and ieee) or block_r * block_m >= 2048 else 4
+    return dict(BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_writers(clean2d: torch.Tensor, corrupt2d: torch.Tensor | None, W: int) -> None:

@@ -106,3 +106,20 @@ def test_node_masks_mixed_at_the_write_as_ours_fold_them_into_the_edges():
     assert (without_nodes - want).abs().max() > 1e-2  # the node masks matter here
     torch.testing.assert_close(want, folded, atol=TOL, rtol=0)
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+def test_bfloat16_model_runs_in_bfloat16_close_to_float32():
+    """A bf16 model (the GPU benchmark's setting): float32 masks are cast where they meet the
+    states, which stay bf16; the logits are as close to the float32 baseline's as the HF
+    model's own bf16 logits are to its float32 ones."""
+    ids, cids = _ids(0), _ids(1)
+    base32, base16 = OriginalGPT2(tiny_model("gpt2")), OriginalGPT2(tiny_model("gpt2", dtype=torch.bfloat16))
+    g = torch.Generator().manual_seed(3)
+    masks = {r: (torch.rand(base32.W, generator=g) < 0.5).float() for r in base32.readers}
+    with torch.no_grad():
+        want, _ = base32.forward(ids, masks, base32.forward(cids, base32.all_ones())[1])
+        _, corrupt16 = base16.forward(cids, base16.all_ones())
+        got, states = base16.forward(ids, masks, corrupt16)
+        hf_err = (base16.hf(ids).logits.float() - base32.hf(ids).logits).abs().max()
+    assert corrupt16.dtype == states.dtype == got.dtype == torch.bfloat16
+    assert 0 < (got.float() - want).abs().max() <= 3 * hf_err + 1e-3

@@ -34,8 +34,9 @@ from edgeprune_fast.ops import (  # noqa: E402
 from edgeprune_fast.ops.backends import triton as triton_backend  # noqa: E402
 
 pytest.importorskip("triton")
-# Triton's interpreter itself converts scalar loop bounds with a numpy call newer numpy deprecates
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+pytestmark = [pytest.mark.cuda,  # the CUDA subset (bench/gpu_check.sh runs `-m cuda` on the GPU)
+              # Triton's interpreter itself converts scalar loop bounds with a numpy call newer numpy deprecates
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
 
 from tests.ops._edge_mix_cases import (  # noqa: E402
     assert_grad_into_agrees,
@@ -167,8 +168,7 @@ def test_base_is_added_to_every_reader(dtype, corrupted):
 @pytest.mark.parametrize("max_programs", [1, 2, None])
 def test_mix_backward_persistent_grid(max_programs):
     """Fewer programs than column blocks: each accumulates its partial grad_z over several."""
-    from edgeprune_fast.kernels import mix_backward
-
+    mix_backward = triton_backend.load_kernels().mix_backward
     R, W, M = 3, 5, 200  # 4 column blocks of 64
     z, g = torch.rand(R, W).to(DEVICE), torch.randn(R, M).to(DEVICE)
     clean, corrupt = torch.randn(W, M).to(DEVICE), torch.randn(W, M).to(DEVICE)
@@ -223,8 +223,7 @@ def test_seed_same_bits_and_different_seeds():
 @pytest.mark.parametrize("training,seeded", [(True, True), (True, False), (False, False)])
 def test_sampling_in_kernel_or_pre_pass_same_bits(training, seeded):
     """Masks sampled inside the mixing kernel or by the pre-pass: the same z_eff bits."""
-    from edgeprune_fast.kernels import edge_mix_forward
-
+    edge_mix_forward = triton_backend.load_kernels().edge_mix_forward
     R, W, M = 3, 37, 300  # 3 column blocks: every column program samples in the fused path
     la, ln, _, _, ue, un = _inputs(R, W, 1, 1, corrupted=False, node=True)
     clean, corrupt = torch.randn(W, M).to(DEVICE), torch.randn(W, M).to(DEVICE)
@@ -293,56 +292,74 @@ def test_mask_gradients_bitwise_deterministic():
 # ---------------------------------------------------------------- builds for the H100
 
 BUILD_H100 = r"""
-import json, sys, torch, triton
+import json, re, subprocess, sys, tempfile, torch, triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
-from edgeprune_fast.kernels import edge_mix as em, hard_concrete as hc
+from edgeprune_fast.ops.backends.triton import load_kernels
+em, hc = load_kernels().edge_mix, load_kernels().hard_concrete
 
 DATA = ("x_ptr", "clean_ptr", "corrupt_ptr", "grad_clean_ptr", "grad_x_ptr")
 FLOATS = ("beta", "scale", "left", "eps")
+PTXAS = get_ptxas(90).path  # the ptxas Triton itself uses for sm_90
 
-def build(fn, data, consts, num_warps=4, num_stages=3):
+def build(name, fn, data, consts, num_warps=4, num_stages=3):
     sig = {n: "constexpr" if n in consts else (data if n in DATA else "*fp32") if n.endswith("_ptr")
            else "fp32" if n in FLOATS else "i32" for n in fn.arg_names}
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": num_warps, "num_stages": num_stages})
-    return len(k.asm["cubin"])
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:  # ptxas -v: registers and spills
+        f.write(k.asm["ptx"])
+        f.flush()
+        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", "/dev/null"], capture_output=True,
+                             text=True)
+    spills = [int(b) for b in re.findall(r"(\d+) bytes spill stores", out.stdout + out.stderr)]
+    return {"kernel": name, "cubin_bytes": len(k.asm["cubin"]), "spill_bytes": sum(spills) if spills else None}
 
-sizes = []
+rows = []
 for tr, us in ((True, True), (True, False), (False, False)):
     for fn in (hc._hard_concrete_fwd_kernel, hc._hard_concrete_bwd_kernel):
-        sizes.append(build(fn, "*fp32", dict(TRAINING=tr, USE_SEED=us, BLOCK=1024)))
-sizes.append(build(em._edge_mix_masks_kernel, "*fp32", dict(HAS_NODE=True, TRAINING=True, USE_SEED=True,
-                                                             BLOCK_R=32, BLOCK_W=32)))
+        rows.append(build(f"{fn.fn.__name__} training={tr} seed={us}", fn, "*fp32",
+                          dict(TRAINING=tr, USE_SEED=us, BLOCK=1024)))
+rows.append(build("masks", em._edge_mix_masks_kernel, "*fp32",
+                  dict(HAS_NODE=True, TRAINING=True, USE_SEED=True, BLOCK_R=32, BLOCK_W=32)))
 for dtype, data in ((torch.float32, "*fp32"), (torch.bfloat16, "*bf16")):
     prec = em._dot_precision(dtype)
-    for R, M, given in ((64, 10**6, True), (37, 100, False)):
+    # the forward as the model calls it (given z after the pre-pass, base) and fused sampling
+    for R, M, given, corrupt, base in ((64, 10**6, True, False, True), (37, 100, False, True, False)):
         cfg = em._config("fwd", R, M, dtype)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-        sizes.append(build(em._edge_mix_fwd_kernel, data, dict(
-            GIVEN_Z=given, HAS_NODE=True, TRAINING=True, USE_SEED=True, HAS_CORRUPT=True,
+        rows.append(build(f"fwd {data} R={R} given_z={given}", em._edge_mix_fwd_kernel, data, dict(
+            GIVEN_Z=given, HAS_NODE=True, TRAINING=True, USE_SEED=True, HAS_CORRUPT=corrupt, HAS_BASE=base,
             DOT_PRECISION=prec, **cfg), nw, ns))
-    for R, accumulate in ((64, False), (200, False), (36, True)):
+    # the backward: the model's calls (grad_into, no corrupt) at 1, 48 and 64 readers; reader blocks past 64
+    for R, accumulate in ((1, True), (48, True), (64, False), (200, False)):
         cfg = em._config("bwd", R, 10**6, dtype)
         nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
-        sizes.append(build(em._mix_bwd_kernel, data, dict(
-            HAS_CORRUPT=True, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=prec, ACCUMULATE=accumulate, **cfg),
-            nw, ns))
-print(json.dumps(sizes))
+        rows.append(build(f"bwd {data} R={R} accumulate={accumulate}", em._mix_bwd_kernel, data, dict(
+            HAS_CORRUPT=not accumulate, ONE_R_BLOCK=R <= cfg["BLOCK_R"], DOT_PRECISION=prec, ACCUMULATE=accumulate,
+            **cfg), nw, ns))
+print(json.dumps(rows))
 """
 
 
 def test_kernels_build_for_h100(tmp_path):
-    """Every kernel, in the variants the launchers pick at GPT-2 shapes and past 64 readers,
-    compiles through Triton's whole CUDA pipeline to an sm_90 cubin (bundled ptxas): no GPU
-    needed, so GPU-only compile errors show up on CPU machines too."""
+    """Every kernel, in the variants the launchers pick at GPT-2 and Llama-3.1-8B shapes and
+    past 64 readers, compiles through Triton's whole CUDA pipeline to an sm_90 cubin (the
+    bundled ptxas) and spills no registers (kernels/edge_mix.py ``_config``): no GPU needed,
+    so GPU-only compile errors and spilling tiles show up on CPU machines too."""
     import subprocess
     import sys
 
-    triton = pytest.importorskip("triton")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(90).path
+    except Exception as exc:  # no CUDA backend in this triton installation
+        pytest.skip(f"this triton installation cannot build for CUDA here ({type(exc).__name__}: {exc})")
     if not os.path.exists(ptxas):
-        pytest.skip("this triton installation has no CUDA backend (ptxas) to build with")
+        pytest.skip("this triton installation has no ptxas to build with")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     import edgeprune_fast  # the child imports the package from where this process found it
@@ -351,7 +368,9 @@ def test_kernels_build_for_h100(tmp_path):
     env["PYTHONPATH"] = where + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", BUILD_H100], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert all(size > 0 for size in json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 19 and all(r["cubin_bytes"] > 0 for r in rows)
+    assert [r for r in rows if r["spill_bytes"] != 0] == []  # 0, and ptxas did report it
 
 
 # ---------------------------------------------------------------- availability
@@ -378,3 +397,15 @@ def test_triton_not_installed(monkeypatch):
                         lambda name, *a: None if name == "triton" else real(name, *a))
     why = triton_backend.TritonBackend().unavailable("hard_concrete", [torch.zeros(2, device=DEVICE)])
     assert any("not installed" in w for w in why)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_automatic_choice_on_cuda_tensors_is_triton(monkeypatch):
+    """On the GPU every op goes to the kernels by itself, also where the package runs from a
+    checkout that was never installed (bench/gpu_check.sh)."""
+    from edgeprune_fast.ops import backends
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    for op in backends.OPS:
+        assert backends.choose(op, [torch.zeros(2, 2, device="cuda")]).name == "triton", backends.report(
+            op, [torch.zeros(2, 2, device="cuda")])

@@ -7,6 +7,11 @@ when edgeprune_fast.kernels is imported). float64 is left to
 the C++ and reference backends. Triton is imported only when a call is about to be served,
 so importing this module, or asking it why it cannot serve a CPU call, costs nothing.
 The maths is ARCHITECTURE.md §2; the kernels document their grids and memory traffic.
+
+The kernels are installed as ``edgeprune_fast.kernels`` (setup.py maps the checkout's
+``kernels/`` there). Run from a checkout that was never installed (PYTHONPATH only, as
+bench/gpu_check.sh does on machines where nothing can be installed), that name does not
+exist; the checkout's ``kernels/`` is then imported under it (`load_kernels`).
 """
 
 from __future__ import annotations
@@ -14,11 +19,37 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 _SERVED = (torch.float32, torch.bfloat16, torch.float16)
 _TRUE = ("1", "true", "on", "yes")
+_NAME = "edgeprune_fast.kernels"
+
+
+def load_kernels():
+    """edgeprune_fast.kernels: the installed package, else a checkout's ``kernels/`` beside
+    the ``edgeprune_fast/`` this module was imported from, imported under that name."""
+    try:
+        return importlib.import_module(_NAME)
+    except ModuleNotFoundError as exc:
+        if exc.name != _NAME:
+            raise  # triton or torch missing, not the kernels
+        folder = Path(__file__).resolve().parents[3] / "kernels"
+        if not (folder / "__init__.py").is_file():
+            raise
+    spec = importlib.util.spec_from_file_location(_NAME, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_NAME] = module  # before running it: its relative imports look it up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_NAME]
+        raise
+    return module
 
 
 class TritonBackend:
@@ -33,7 +64,7 @@ class TritonBackend:
         """edgeprune_fast.kernels, imported once; None (and the reason kept) if it fails."""
         if self._kernels is None and self._load_error is None:
             try:
-                self._kernels = importlib.import_module("edgeprune_fast.kernels")
+                self._kernels = load_kernels()
             except Exception as exc:  # report through unavailable(), never raise on import
                 self._load_error = f"{type(exc).__name__}: {exc}"
         return self._kernels
