@@ -19,9 +19,13 @@ run it). Two growth figures from step ``--judge-after`` (J) on, the target being
 ``growth_max`` = (max RSS after J - RSS at J) / RSS at J, the strict reading, which also
 counts the allocator's step-to-step swing (glibc keeps freed chunks of the many
 short-lived tensors resident, and how much differs from step to step); and
-``growth_level`` = (median RSS of the last ``--window`` steps - median of the ``--window``
-steps from J) / the latter, the level a leak would raise, with the swing averaged out. A
-leak of the old kind (every step's [W, B, S, D] buffers kept) shows in both at once. Results: bench/results/<out-name>.json (settings,
+``growth_peaks`` = (max RSS of the last ``--window`` steps - max of the ``--window`` steps
+from J) / the latter, the swing's top compared with itself; and ``growth_level``, the same
+with medians, the level a leak would raise, with the swing averaged out. A leak of the old
+kind (every step's [W, B, S, D] buffers kept) shows in all three at once.
+``--fixed-malloc`` restarts the bench with glibc's mmap threshold fixed (bench/common.py), so
+that every large freed tensor goes back to the OS: RSS is then the live memory, with no
+allocator swing (slower: every large tensor faults its pages in anew). Results: bench/results/<out-name>.json (settings,
 machine, verdict), .csv (one row per step) and .png (the curve).
 """
 
@@ -62,8 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=30, help="steps per median for growth_level")
     p.add_argument("--checkpoint-every", type=int, default=30)
     p.add_argument("--checkpoint-layers", action="store_true")
-    p.add_argument("--out-name", default="long_run_cpu")
+    p.add_argument("--fixed-malloc", action="store_true", help="RSS = live memory (see the module docstring)")
+    p.add_argument("--out-name", default=None, help="default: long_run_cpu[_fixed_malloc]")
     args = p.parse_args(argv)
+    if args.fixed_malloc:
+        from bench.common import reexec_with_fixed_malloc
+
+        reexec_with_fixed_malloc()
+    args.out_name = args.out_name or ("long_run_cpu_fixed_malloc" if args.fixed_malloc else "long_run_cpu")
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -96,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     at = rows[args.judge_after - 1]["rss_mb"]
     after = max(r["rss_mb"] for r in rows[args.judge_after - 1:])
     growth = (after - at) / at
-    first = _median([r["rss_mb"] for r in rows[args.judge_after - 1:args.judge_after - 1 + args.window]])
-    last = _median([r["rss_mb"] for r in rows[-args.window:]])
+    head = [r["rss_mb"] for r in rows[args.judge_after - 1:args.judge_after - 1 + args.window]]
+    tail = [r["rss_mb"] for r in rows[-args.window:]]
+    first, last = _median(head), _median(tail)
     level = (last - first) / first
+    peaks = (max(tail) - max(head)) / max(head)
     result = {
         "bench": "long_run", "machine": machine(), "settings": vars(args),
         "model": f"GPT2Config(n_layer={args.layers}) random weights, node masks, corrupted ablation",
@@ -106,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_at_start": round(start_rss, 1), "rss_mb_at_judge_step": at, "rss_mb_max_after": after,
         "rss_mb_final": rows[-1]["rss_mb"], "growth_max": round(growth, 5),
         "rss_mb_median_first_window": first, "rss_mb_median_last_window": last, "growth_level": round(level, 5),
-        "target_growth": 0.02, "met_max": growth <= 0.02, "met_level": level <= 0.02,
+        "rss_mb_max_first_window": max(head), "rss_mb_max_last_window": max(tail), "growth_peaks": round(peaks, 5),
+        "target_growth": 0.02, "met_max": growth <= 0.02, "met_peaks": peaks <= 0.02, "met_level": level <= 0.02,
+        "malloc": "mmap threshold fixed (RSS = live memory)" if args.fixed_malloc else "glibc default",
         "median_step_seconds": _median([r["seconds"] for r in rows]),
         "csv": f"{args.out_name}.csv", "png": f"{args.out_name}.png",
     }
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, result, RESULTS / f"{args.out_name}.png")
     print(f"RSS at step {args.judge_after}: {at:.0f} MB, max after: {after:.0f} MB: growth_max {100 * growth:.2f} %; "
           f"median of steps {args.judge_after}-{args.judge_after + args.window - 1}: {first:.0f} MB, of the last "
-          f"{args.window}: {last:.0f} MB: growth_level {100 * level:.2f} % (target <= 2 %)")
+          f"{args.window}: {last:.0f} MB: growth_level {100 * level:.2f} %; window maxima {max(head):.0f} -> "
+          f"{max(tail):.0f} MB: growth_peaks {100 * peaks:.2f} % (target <= 2 %)")
     return 0
 
 
@@ -141,8 +156,10 @@ def _plot(rows: list[dict], result: dict, path: Path) -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("resident memory, MB")
     s = result["settings"]
-    ax.set_title(f"GPT-2 shape, {s['layers']} layers, batch {s['batch']}, seq {s['seq']}: after step {judge}, "
-                 f"level {100 * result['growth_level']:+.2f} %, max {100 * result['growth_max']:+.2f} %", fontsize=9)
+    ax.set_title(f"GPT-2 shape, {s['layers']} layers, batch {s['batch']}, seq {s['seq']}, {result['malloc']}:\n"
+                 f"after step {judge}: level {100 * result['growth_level']:+.2f} %, window maxima "
+                 f"{100 * result['growth_peaks']:+.2f} %, max vs step {judge} {100 * result['growth_max']:+.2f} %",
+                 fontsize=8)
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
     fig.tight_layout()
