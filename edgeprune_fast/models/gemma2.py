@@ -12,6 +12,10 @@ by sqrt(d_model) inside ``embed_tokens``, head_dim 256, grouped KV) with
   on the others (alternating, from layer 0);
 - scores scaled by ``query_pre_attn_scalar ** -0.5`` (HF's ``scaling``) instead of dh ** -0.5.
 
+The softcap is applied whatever ``config._attn_implementation`` says: transformers 5.17 loads
+Gemma-2 with SDPA by default, whose path drops the attention softcap, so compare with HF's
+``attn_implementation="eager"`` (as HF advises for Gemma-2); transformers 5.24 offers no SDPA for it.
+
 **MIB / EAP-IG's graph on TransformerLens** (``use_normalization_before_and_after``; read in
 hannamw/EAP-IG's graph.py, utils.py and evaluate.py at the commit MIB-circuit-track pins, and
 TransformerLens' components/transformer_block.py). Their attention node a{l}.h{h} writes

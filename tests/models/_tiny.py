@@ -56,6 +56,8 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     elif arch in _NEW:
         prefix, extra = _NEW[arch]
         cfg = getattr(transformers, f"{prefix}Config")(**(_LLAMA_LIKE | extra), **common)
+        if arch == "gemma2":  # eager, as HF advises: transformers 5.17 defaults to SDPA, which drops the attention softcap
+            cfg._attn_implementation = "eager"
         model = getattr(transformers, f"{prefix}ForCausalLM")(cfg)
     else:
         raise ValueError(arch)
