@@ -72,7 +72,8 @@ def build(point: dict, device: str):
     finally:
         torch.set_default_dtype(default)
     pruned = EdgePrunedModel.from_hf(hf, checkpoint_layers=point.get("checkpoint_layers", False),
-                                     corrupted_on_cpu=point.get("corrupted_on_cpu", False)).train()
+                                     corrupted_on_cpu=point.get("corrupted_on_cpu", False),
+                                     kv_per_query_head=point.get("kv_per_query_head", False)).train()
     return cfg, pruned
 
 
@@ -108,7 +109,8 @@ def prediction(cfg, point: dict, device: str):
     settings = PlanSettings(point["batch"], point["seq"], point["dtype"], 1, point.get("checkpoint_layers", False),
                             point.get("corrupted_on_cpu", False), "reference" if backend == "reference" else "fused",
                             point.get("device_gb", 80.0), point.get("cache_references", True))
-    return plan(ModelShape.from_hf_config(cfg), settings), backend
+    shape = ModelShape.from_hf_config(cfg, kv_per_query_head=point.get("kv_per_query_head", False))
+    return plan(shape, settings), backend
 
 
 def measure(point: dict, device: str = "cpu", reps: int = 0) -> dict:

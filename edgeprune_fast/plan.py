@@ -9,7 +9,7 @@ go after the loss, unless checkpointed layers re-read them), the edge-pruned for
 sampled masks, KL over every position and the vocabulary, backward, AdamW on the
 log_alphas. Notation: N = batch*seq tokens, D d_model, H heads of size dh, K KV heads, F
 d_mlp, V vocab, L layers, W = 1 + L(H+1) writers (2 + ... with split embeddings), R = H +
-2K attention readers, b the model dtype's bytes, 4 for float32. The terms follow how
+2K attention readers (3H with k/v readers per query head, MIB's graph: ``kv_per_query_head``), b the model dtype's bytes, 4 for float32. The terms follow how
 model.py, writers.py and ops/ allocate (checked against a saved-tensor audit of
 tests/models/_tiny-like Llama models):
 
@@ -47,14 +47,15 @@ the gradient buffer exists; a read's mixing backward makes the clean-writer grad
 [n, N, D] (the reference backend float32 copies besides, see ``_mix_backward``). Host memory (corrupted states on the CPU) is reported, not counted.
 Model shapes come from an HF config (a meta-device model gives the exact parameter count,
 its adapter what the layers compute) or a known model's name (``KNOWN_MODELS``: Gemma-2-2B
-/ 9B, Mistral-7B, Qwen3-8B, Phi-3-mini, OLMo-2-7B, their config.json values written out).
+/ 9B, Mistral-7B, Qwen3-8B, Phi-3-mini, OLMo-2-7B and MIB's GPT-2, Qwen2.5-0.5B and
+Llama-3.1-8B, their config.json values written out).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GB = 1e9
@@ -93,6 +94,16 @@ KNOWN_MODELS: dict[str, tuple[str, dict]] = {
     "allenai/OLMo-2-1124-7B": ("olmo2", dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
         vocab_size=100352, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=500000.0,
+        tie_word_embeddings=False)),
+    # MIB's other models (with Gemma-2-2B); Llama-3.1's rope scaling is left out: it changes no memory
+    "openai-community/gpt2": ("gpt2", {}),
+    "Qwen/Qwen2.5-0.5B": ("qwen2", dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        use_sliding_window=False, tie_word_embeddings=True)),
+    "meta-llama/Llama-3.1-8B": ("llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
         tie_word_embeddings=False)),
 }
 _SHORT_NAMES = {"mistral-7b": "mistralai/Mistral-7B-v0.1", "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
@@ -133,6 +144,7 @@ class ModelShape:
     post_norms: bool = False  # RMSNorms on the attention and MLP outputs (Gemma-2, OLMo-2)
     qk_norm: str = "none"  # "head": q/k RMSNorms per head (Qwen3); "heads": over all heads (OLMo-2)
     attn_softcap: bool = False  # attention computed explicitly, its [B, H, S, S] scores kept (Gemma-2)
+    kv_per_query_head: bool = False  # MIB's graph: a k and a v reader per query head (model.py)
 
     def __post_init__(self) -> None:
         for f in ("n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp", "vocab"):
@@ -155,6 +167,11 @@ class ModelShape:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
+    def n_kv_readers(self) -> int:
+        """k (and v) readers per layer: one per KV head, or per query head in MIB's graph."""
+        return self.n_heads if self.kv_per_query_head else self.n_kv_heads
+
+    @property
     def n_writers(self) -> int:
         return (2 if self.split_embeds else 1) + self.n_layers * (self.n_heads + 1)
 
@@ -162,7 +179,8 @@ class ModelShape:
     def n_edges(self) -> int:
         from .graph import n_edges_closed_form
 
-        return n_edges_closed_form(self.n_layers, self.n_heads, self.n_kv_heads, split_embeds=self.split_embeds)
+        return n_edges_closed_form(self.n_layers, self.n_heads, self.n_kv_heads, split_embeds=self.split_embeds,
+                                   kv_per_query_head=self.kv_per_query_head)
 
     def layer_params(self) -> int:
         D, H, K, dh, F = self.d_model, self.n_heads, self.n_kv_heads, self.dh, self.d_mlp
@@ -174,7 +192,7 @@ class ModelShape:
         return self.n_layers * self.layer_params() + 2 * self.vocab * self.d_model + self.d_model
 
     @classmethod
-    def from_hf_config(cls, config, *, split_embeds: bool = False) -> ModelShape:
+    def from_hf_config(cls, config, *, split_embeds: bool = False, kv_per_query_head: bool = False) -> ModelShape:
         """From a transformers config of a supported architecture; the parameter count is
         exact (the model is built on the meta device: no memory, no weights)."""
         import torch
@@ -198,7 +216,7 @@ class ModelShape:
         return cls(g.n_layers, H, g.n_kv_heads[0], D, d_mlp, config.vocab_size, head_dim, mlp, split_embeds,
                    n_params, getattr(config, "name_or_path", "") or kind,
                    pre_norms=not isinstance(spec.attn_norm, nn.Identity), post_norms=spec.attn_post_norm is not None,
-                   qk_norm=qk_norm, attn_softcap=spec.softcap is not None)
+                   qk_norm=qk_norm, attn_softcap=spec.softcap is not None, kv_per_query_head=kv_per_query_head)
 
     @classmethod
     def from_known(cls, name: str, **kwargs) -> ModelShape:
@@ -282,7 +300,7 @@ class MemoryPlan:
         s, m = self.settings, self.shape
         lines = [f"{m.name}: {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} KV), d_model {m.d_model}, "
                  f"d_mlp {m.d_mlp}, vocab {m.vocab}; {m.params() / 1e9:.2f} B parameters, {m.n_writers} writers, "
-                 f"{m.n_edges:,} edges",
+                 f"{m.n_edges:,} edges{' (k/v readers per query head)' if m.kv_per_query_head else ''}",
                  f"batch {s.batch} x seq {s.seq}, {s.dtype}, {s.n_gpus} device(s)"
                  f"{', activation checkpointing' if s.checkpoint_layers else ''}"
                  f"{', corrupted states on the CPU' if s.corrupted_on_cpu else ''}"
@@ -329,7 +347,7 @@ def layer_activations(shape: ModelShape, settings: PlanSettings) -> tuple[int, i
     float32 input [N, D])."""
     m, s = shape, settings
     b, N = DTYPE_BYTES[s.dtype], s.batch * s.seq
-    D, H, K, dh, F = m.d_model, m.n_heads, m.n_kv_heads, m.dh, m.d_mlp
+    D, H, K, dh, F = m.d_model, m.n_heads, m.n_kv_readers, m.dh, m.d_mlp
     ND, R = N * D, H + 2 * K
     nb = (4 if m.mlp == "gated" else b) if m.pre_norms else 0
     attn = nb * R * ND + 4 * b * N * H * dh
@@ -348,7 +366,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     m, s = shape, settings
     b, N = DTYPE_BYTES[s.dtype], s.batch * s.seq
     D, H, dh, V, L, W = m.d_model, m.n_heads, m.dh, m.vocab, m.n_layers, m.n_writers
-    ND, R, E = N * D, m.n_heads + 2 * m.n_kv_heads, 2 if m.split_embeds else 1
+    ND, R, E = N * D, m.n_heads + 2 * m.n_kv_readers, 2 if m.split_embeds else 1
     n_masks = m.n_edges + W
 
     weights = {"weights.parameters (sharded)" if s.n_gpus > 1 else "weights.parameters": -(-m.params() * b // s.n_gpus)}
@@ -374,7 +392,7 @@ def plan(shape: ModelShape, settings: PlanSettings) -> MemoryPlan:
     # gradient, the gradient through x * rsqrt, x * grad for rsqrt's gradient and pow's 2x * grad at once;
     # LayerNorm's fused backward its input gradient and one temporary
     # (OLMo-2 has no such norm; its widest RMSNorm is q_norm's over [H, N, H*dh], counted alike)
-    normed = R * ND if m.pre_norms else (N * dh * (H * H + m.n_kv_heads ** 2) if m.qk_norm == "heads" else 0)
+    normed = R * ND if m.pre_norms else (N * dh * (H * H + m.n_kv_readers ** 2) if m.qk_norm == "heads" else 0)
     norm_bwd = 4 * normed * 4 + (normed * b if b < 4 else 0) if m.mlp == "gated" else 2 * normed * b
 
     slot_copy = ND * b if s.corrupted_on_cpu else 0  # corrupted states on the CPU come a slot at a time
@@ -435,10 +453,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-gb", type=float, default=80.0, help="device memory in GB (default 80)")
     parser.add_argument("--no-cache-references", dest="cache_references", action="store_false",
                         help="plan for TrainConfig(cache_references=False): corrupted states freed before backward")
+    parser.add_argument("--kv-per-query-head", action="store_true",
+                        help="MIB's graph: a k and a v reader per query head (grouped-query models)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def shape_from_args(args: argparse.Namespace) -> ModelShape:
+    return replace(_shape(args), kv_per_query_head=getattr(args, "kv_per_query_head", False))
+
+
+def _shape(args: argparse.Namespace) -> ModelShape:
     if args.model:  # a folder or config.json first: a local folder may share a known model's name
         path = Path(args.model).expanduser()
         if not path.exists() and known_model(args.model) is not None:

@@ -75,6 +75,26 @@ def test_uncached_references_free_the_corrupted_states_before_backward():
     assert ckpt[0] == ckpt[1]
 
 
+def test_kv_readers_per_query_head_planned_as_built(one_thread):
+    """MIB's graph (k/v readers per query head): the planner's edge count is the graph's, its
+    layer activations are the saved-tensor audit's, and its peak the measured step's."""
+    from edgeprune_fast.model import EdgePrunedModel
+
+    model = tiny_model("llama")  # 4 query heads, 2 KV heads
+    shape = ModelShape.from_hf_config(model.config, kv_per_query_head=True)
+    grouped = ModelShape.from_hf_config(model.config)
+    assert shape.n_edges == EdgePrunedModel.from_hf(model, kv_per_query_head=True).graph.n_edges > grouped.n_edges
+    predicted = sum(layer_activations(shape, PlanSettings(2, 16, "float32")))
+    assert predicted > sum(layer_activations(grouped, PlanSettings(2, 16, "float32")))
+    for measured in _saved_per_layer("llama", "float32", 2, 16, kv_per_query_head=True):
+        assert 0.9 <= measured / predicted <= 1.1, (measured, predicted)
+    row = _measure({"n_layers": 8, "n_heads": 8, "n_kv_heads": 2, "d_model": 256, "d_mlp": 640, "vocab": 4096,
+                    "batch": 4, "seq": 32, "dtype": "float32", "kv_per_query_head": True})
+    print(f"measured {row['measured_bytes'] / 1e6:.1f} MB, predicted {row['predicted_step_bytes'] / 1e6:.1f} MB "
+          f"({row['predicted_phase']}), ratio {row['ratio']:.3f}")
+    assert 0.85 <= row["ratio"] <= 1.15
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "ckpt"])
 def test_prediction_for_the_fused_kernels(ckpt):
     """The C++ kernels add the writers' gradient into the slot buffer's (no [n, N, D] temporary)."""
@@ -145,7 +165,12 @@ KNOWN = {
     "Qwen/Qwen3-8B": (8.19, 36, 32, 8, dict(qk_norm="head")),
     "microsoft/Phi-3-mini-4k-instruct": (3.82, 32, 32, 32, {}),
     "allenai/OLMo-2-1124-7B": (7.30, 32, 32, 32, dict(pre_norms=False, post_norms=True, qk_norm="heads")),
+    "openai-community/gpt2": (0.12, 12, 12, 12, {}),
+    "Qwen/Qwen2.5-0.5B": (0.49, 24, 14, 2, {}),
+    "meta-llama/Llama-3.1-8B": (8.03, 32, 32, 8, {}),
 }
+MIB_EDGES = {"openai-community/gpt2": 32_491, "Qwen/Qwen2.5-0.5B": 179_749, "google/gemma-2-2b": 74_218,
+             "meta-llama/Llama-3.1-8B": 1_592_881}  # MIB's counts (tests/test_mib.py)
 
 
 @pytest.mark.parametrize("hub", KNOWN)
@@ -157,6 +182,8 @@ def test_known_models_by_name(hub):
     assert (shape.n_layers, shape.n_heads, shape.n_kv_heads) == (L, H, K)
     defaults = dict(pre_norms=True, post_norms=False, qk_norm="none", attn_softcap=False)
     assert {k: getattr(shape, k) for k in defaults} == defaults | flags
+    if hub in MIB_EDGES:
+        assert ModelShape.from_known(hub, kv_per_query_head=True).n_edges == MIB_EDGES[hub]
     if hub == "Qwen/Qwen3-8B":  # its card: 8.2 B, 6.95 B without the (untied) embeddings
         assert round((shape.params() - 2 * shape.vocab * shape.d_model) / 1e9, 2) == 6.95
 
@@ -175,7 +202,7 @@ def test_plan_command_reads_known_names_and_refuses_unknown_ones(capsys):
         run(ap.parse_args(["--model", "gemma-3-1b"]))
 
 
-def _saved_per_layer(arch: str, dtype: str, B: int, S: int) -> list[int]:
+def _saved_per_layer(arch: str, dtype: str, B: int, S: int, kv_per_query_head: bool = False) -> list[int]:
     """Bytes autograd keeps in each layer of a training forward (its own tensors: not the
     weights, not the slot buffer), counted once per storage."""
     import torch
@@ -183,7 +210,7 @@ def _saved_per_layer(arch: str, dtype: str, B: int, S: int) -> list[int]:
     from edgeprune_fast.model import EdgePrunedModel
 
     model = tiny_model(arch, dtype=getattr(torch, dtype))
-    pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0).train()
+    pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0, kv_per_query_head=kv_per_query_head).train()
     pruned.adapter = dataclasses.replace(pruned.adapter, n_ctx=S)
     ids, cids = torch.randint(3, VOCAB, (B, S)), torch.randint(3, VOCAB, (B, S))
     corrupted = pruned.reference(cids)[1]
