@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -122,6 +123,12 @@ def _tl_model(path: Path, dtype=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float32 if dtype is None else dtype
+    # TransformerLens 2.9.1 picks Llama / Gemma by the name's text ("llama", "gemma" anywhere in it,
+    # the folders above included): give it the path relative to here, which must not hold them
+    path = Path(os.path.relpath(path))
+    if any(w in str(path).lower() for w in ("llama", "gemma")) and path.name not in ("gemma2",):
+        raise ValueError(f"--work: TransformerLens reads 'llama'/'gemma' in a model's path as its architecture; "
+                         f"expected a work folder whose path relative to here has neither, got {str(path)!r}")
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(path)
     # HookedTransformer.from_pretrained without its hub-name lookup (the model is a local folder)

@@ -16,7 +16,9 @@ the reference capture, masks.py for the mask parameters. One forward (ARCHITECTU
       z          = scaled_dot_product_attention(q, k, v, causal (+ sliding window) + padding
                    mask, scale); with an attention softcap (Gemma-2) the same written out
       slots[a{l}.h*] = z_h @ W_O[h] + b_O / H                              [H, B, S, D]
-                   (with a post-attention norm: each head's share of RMSNorm(o), writers.py)
+                   (with a post-attention norm: each head's share of RMSNorm(o), writers.py;
+                   under post_norm="reader" the pre-norm z_h W_O[h], each reader then norming
+                   its own mix of every upstream layer's heads: post_norm.py)
       x_m        = edge_mix(log_alpha[m{l}], slots[:W_m], corrupt[:W_m])   (W_m = W_l if parallel)
       slots[m{l}] = mlp(mlp_norm(x_m))                  (post-MLP norm applied where there is one)
     logits       = unembed(final_norm(edge_mix(log_alpha[resid_post], slots, corrupt)))

@@ -153,6 +153,7 @@ def _evaluate(args: Namespace) -> int:
 
     from ..circuit import _json_safe
     from ..mib.evaluate import budgets, curve_percents, evaluate_budgets, plot_curve, summarise
+    from ..post_norm import has_post_norms
 
     if args.out.suffix != ".json":
         raise UsageError(f"--out: expected a .json report path, got {str(args.out)!r}")
@@ -178,7 +179,7 @@ def _evaluate(args: Namespace) -> int:
     report = {
         "source": str(args.source), "model": str(args.model), "task": getattr(task, "name", None),
         "data": None if args.data is None else str(args.data), "split": args.split, "ablation": args.ablation,
-        "conventions": args.conventions, "post_norm": model.post_norm, "metric": getattr(task, "metric_name", "metric"),
+        "conventions": args.conventions, "post_norm": model.post_norm if has_post_norms(model.adapter) else None, "metric": getattr(task, "metric_name", "metric"),
         "n_edges_total": graph.n_edges, "graph": json.loads(graph.signature()), "n_examples": main["n_examples"],
         "metric_full": main["metric_full"], "metric_empty": main["metric_empty"], "points": main["points"],
         "cpr": main["cpr"], "cmd": curves.get("abs", main)["cmd"], "average": main["average"],
@@ -198,7 +199,9 @@ def _evaluate(args: Namespace) -> int:
 
 def _print(report: dict) -> None:
     print(f"{report['source']} on {report['task']} ({report['split']}, {report['n_examples']} examples, "
-          f"{report['ablation']}, {report['conventions']} conventions); {report['n_edges_total']} edges (MIB's count)")
+          f"{report['ablation']}, {report['conventions']} conventions"
+          + (f", post-norm {report['post_norm']}" if report.get("post_norm") else "")
+          + f"); {report['n_edges_total']} edges (MIB's count)")
     print(f"  {report['metric']}: full {report['metric_full']:.4f}, empty {report['metric_empty']:.4f}")
     print("  % edges   at most   kept   faithfulness")
     for p in report["points"]:
