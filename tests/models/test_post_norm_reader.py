@@ -212,3 +212,40 @@ def test_bad_values_and_models_without_post_norms():
     with pytest.raises(ValueError, match=r"post_norm: 'reader' applies to models whose attention output is normed"):
         EdgePrunedModel.from_hf(tiny_model("llama"), post_norm="reader")
     assert EdgePrunedModel.from_hf(tiny_model("llama"), post_norm="writer").post_norm == "writer"
+
+
+def test_mib_graph_and_mean_ablation_equal_slow_reference(one_thread):
+    """k/v readers per query head (MIB's graph) and mean ablation (means of the pre-norm head
+    outputs, what EAP-IG's mean ablation averages: hook_result)."""
+    model = tiny_model("gemma2", dtype=torch.float64)
+    ids, cids = _ids(0), _ids(1)
+    with torch.no_grad():
+        pruned = EdgePrunedModel.from_hf(model, post_norm="reader", kv_per_query_head=True)
+        edges = _random_edges(pruned.graph, 6)
+        pruned.set_circuit(edges)
+        kept = {_pair(e) for e in edges}
+        want, _ = slow_forward(model, ids, kept, ablated=_corrupted_states(model, cids), kv_per_query_head=True,
+                               post_norm="reader")
+        torch.testing.assert_close(pruned(ids, cids).logits, want, atol=TOL64, rtol=0)
+        assert any(e.reader.endswith(".k") and ".h" in e.reader for e in edges)  # per-query-head k readers
+
+        pruned = EdgePrunedModel.from_hf(model, post_norm="reader", ablation="zero")
+        means = pruned.compute_mean_writers(cids)  # [W, D]
+        pruned.set_mean_writers(means)
+        pruned.ablation = "mean"
+        edges = _random_edges(pruned.graph, 8)
+        pruned.set_circuit(edges)
+        states = slow_forward(model, cids, set(_all_pairs(model)), post_norm="reader")[1]
+        ablated = {w: s.mean((0, 1)).expand_as(s) for w, s in states.items()}
+        torch.testing.assert_close(means, torch.stack([ablated[w.name][0, 0] for w in pruned.graph.writers]),
+                                   atol=TOL64, rtol=0)
+        want, _ = slow_forward(model, ids, {_pair(e) for e in edges}, ablated={w: a[:1].expand(3, -1, -1)
+                                                                             for w, a in ablated.items()},
+                               post_norm="reader")
+        torch.testing.assert_close(pruned(ids).logits, want, atol=TOL64, rtol=0)
+
+
+def test_reader_mode_refuses_sharded_weights():
+    pruned = EdgePrunedModel.from_hf(tiny_model("olmo2"), post_norm="reader")
+    with pytest.raises(ValueError, match=r"post_norm: 'reader' reads every upstream layer's post-norm weights"):
+        pruned.shard_weights()
