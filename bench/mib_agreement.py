@@ -7,8 +7,11 @@ environment of their own (their transformers is older than ours), so this runs i
 
     .venv/bin/python -m bench.mib_agreement --reference-python .venv-ref/bin/python
 
-- stage "reference" (that interpreter): builds tiny GPT-2 and Qwen2 models (random weights,
-  random biases; Qwen2 with grouped-query attention) and saves them with the tests' tokenizer,
+- stage "reference" (that interpreter): builds tiny GPT-2, Qwen2 and Gemma-2 models (random
+  weights, random biases; Qwen2 and Gemma-2 with grouped-query attention; Gemma-2 with its
+  post-norms and softcaps, loaded into TransformerLens through its gemma-2-2b config with the
+  tiny sizes, ``_tl_gemma2_config``; EAP-IG's one CUDA-only allocation on its post-norm path
+  made on the CPU, ``_cpu_shim``) and saves them with the tests' tokenizer,
   writes a score file per model with EAP-IG's own ``Graph.to_json`` (random scores, signs mixed),
   copies MIB-schema data (tests/data/mib) as ``validation.jsonl`` folders, and runs MIB's
   evaluation for each case (patching and zero ablation; |score| and signed ranking), loading the
@@ -16,7 +19,9 @@ environment of their own (their transformers is older than ours), so this runs i
   center_unembed, fold_value_biases) and MIB's flags (split qkv input, attn result, mlp in,
   ungrouped GQA);
 - stage "ours" (this environment): the same files through ``edgeprune_fast.mib`` under MIB's
-  conventions; compares every faithfulness, CPR and CMD, and times both.
+  conventions (Gemma-2 with ``post_norm="reader"``, MIB's graph for post-norms; the same
+  circuits in the default "writer" mode are recorded beside it as
+  ``max_abs_diff_post_norm_writer``); compares every faithfulness, CPR and CMD, and times both.
 
 Writes bench/results/mib_agreement.json (machine, versions, git revision, per case: MIB's and
 our faithfulness per budget, CPR, CMD, the largest difference, seconds: each side's ranking,
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,14 +63,24 @@ CASES = [  # (name, model, task file, ablation, absolute, batch size)
     ("qwen2-ioi-patching-abs", "qwen2", "ioi", "patching", True, 2),
     ("qwen2-ioi-zero-abs", "qwen2", "ioi", "zero", True, 2),
     ("qwen2-mcqa-patching-signed", "qwen2", "mcqa", "patching", False, 2),
+    ("gemma2-ioi-patching-abs", "gemma2", "ioi", "patching", True, 2),
+    ("gemma2-ioi-zero-abs", "gemma2", "ioi", "zero", True, 2),
+    ("gemma2-mcqa-patching-signed", "gemma2", "mcqa", "patching", False, 2),
+    ("gemma2-ioi-zero-abs-float64", "gemma2", "ioi", "zero", True, 2),
     ("gpt2small-ioi-patching-abs", "gpt2small", "ioi", "patching", True, 5),  # GPT-2 small's shape: speed
 ]
+# our post-norm mode per model (post_norm.py): MIB's graph for Gemma-2's post-attention norms is "reader"
+POST_NORM = {"gemma2": "reader"}
+# cases run in float64 on both sides (the rest: float32). Why: under zero ablation a reader whose
+# every edge is removed gets, in EAP-IG, actual - sum(actual) over its writers: not 0 but float32
+# rounding, which an RMSNorm scales up where no bias keeps inputs away from 0 (Gemma-2); ours is 0
+FLOAT64 = {"gemma2-ioi-zero-abs-float64"}
 
 
 # -- stage "reference" (MIB's environment) -----------------------------------------------------------------
 def _tiny_models(work: Path, names) -> None:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
     sys.path.insert(0, str(ROOT / "tests" / "tasks"))
     from _task_tokenizer import build_tokenizer
@@ -79,6 +95,14 @@ def _tiny_models(work: Path, names) -> None:
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                                                       hidden_size=32, intermediate_size=48, max_position_embeddings=64,
                                                       tie_word_embeddings=False, **common)),
+        # softcaps small enough to bend the tiny scores and logits; the window covers every prompt
+        # (TransformerLens 2.9.1 windows the odd layers, HF the even ones: the same only so)
+        "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(num_hidden_layers=3, num_attention_heads=4,
+                                                         num_key_value_heads=2, hidden_size=32, head_dim=8,
+                                                         intermediate_size=48, max_position_embeddings=64,
+                                                         sliding_window=64, query_pre_attn_scalar=8,
+                                                         attn_logit_softcapping=5.0, final_logit_softcapping=5.0,
+                                                         **common)),
     }
     for name in sorted(names):
         model = configs[name]()
@@ -92,26 +116,104 @@ def _tiny_models(work: Path, names) -> None:
         tok.save_pretrained(work / name)
 
 
-def _tl_model(path: Path):
+def _tl_model(path: Path, dtype=None):
     import torch
     import transformer_lens.loading_from_pretrained as loading
     from transformer_lens import HookedTransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    dtype = torch.float32 if dtype is None else dtype
+    # TransformerLens 2.9.1 picks Llama / Gemma by the name's text ("llama", "gemma" anywhere in it,
+    # the folders above included): give it the path relative to here, which must not hold them
+    path = Path(os.path.relpath(path))
+    if any(w in str(path).lower() for w in ("llama", "gemma")) and path.name not in ("gemma2",):
+        raise ValueError(f"--work: TransformerLens reads 'llama'/'gemma' in a model's path as its architecture; "
+                         f"expected a work folder whose path relative to here has neither, got {str(path)!r}")
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype).eval()
     tok = AutoTokenizer.from_pretrained(path)
     # HookedTransformer.from_pretrained without its hub-name lookup (the model is a local folder)
-    cfg = loading.get_pretrained_model_config(str(path), hf_cfg=hf.config.to_dict(), fold_ln=True, device="cpu",
-                                              dtype=torch.float32)
-    state = loading.get_pretrained_state_dict(str(path), cfg, hf, dtype=torch.float32)
+    if hf.config.model_type == "gemma2":
+        cfg = _tl_gemma2_config(hf.config, dtype)
+    else:
+        cfg = loading.get_pretrained_model_config(str(path), hf_cfg=hf.config.to_dict(), fold_ln=True, device="cpu",
+                                                  dtype=dtype)
+    state = loading.get_pretrained_state_dict(str(path), cfg, hf, dtype=dtype)
     model = HookedTransformer(cfg, tok, move_to_device=False)
-    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
+    # as from_pretrained: no centred unembedding under a logit softcap (not invariant to a constant)
+    center_unembed = not cfg.output_logits_soft_cap > 0.0
+    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=center_unembed,
                                       fold_value_biases=True, refactor_factored_attn_matrices=False)
     model.cfg.use_split_qkv_input = True  # MIB's run_evaluation.py
     model.cfg.use_attn_result = True
     model.cfg.use_hook_mlp_in = True
     model.cfg.ungroup_grouped_query_attention = True
     return model
+
+
+def _tl_gemma2_config(c, dtype):
+    """TransformerLens 2.9.1 reads Gemma-2 configs by hub name only (convert_hf_model_config has
+    the official dicts, no branch on an HF config): its gemma-2-2b dict (its flags: post-norms,
+    softcaps, local attention, RMS, gated MLP) with the tiny model's sizes, through its own
+    get_pretrained_model_config (fold_ln: RMSPre)."""
+    import transformer_lens.loading_from_pretrained as loading
+
+    official = loading.convert_hf_model_config
+
+    def tiny(name, **kwargs):
+        d = official("google/gemma-2-2b")
+        d.update(d_model=c.hidden_size, d_head=c.head_dim, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+                 n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps,
+                 d_vocab=c.vocab_size, n_key_value_heads=c.num_key_value_heads, window_size=c.sliding_window,
+                 rotary_base=c.rope_theta, attn_scores_soft_cap=c.attn_logit_softcapping,
+                 output_logits_soft_cap=c.final_logit_softcapping)
+        assert c.query_pre_attn_scalar == c.head_dim  # TransformerLens 2.9.1 scales by d_head ** -0.5
+        return d
+
+    loading.convert_hf_model_config = tiny
+    try:
+        return loading.get_pretrained_model_config("google/gemma-2-2b", fold_ln=True, device="cpu", dtype=dtype)
+    finally:
+        loading.convert_hf_model_config = official
+
+
+def _cpu_shim():
+    """EAP-IG 7af394a's evaluate_graph allocates its attention-head mask for post-norm models
+    (use_normalization_before_and_after) with device='cuda'; without CUDA that one allocation is
+    made on the CPU (eap.evaluate sees a torch whose zeros maps device 'cuda' to 'cpu'), nothing
+    else changes. Returns whether it applied."""
+    import types
+
+    import eap.evaluate as ev
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    shim = types.SimpleNamespace(**{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")})
+    shim.zeros = lambda *a, device=None, **k: torch.zeros(*a, device="cpu" if device == "cuda" else device, **k)
+    ev.torch = shim
+    return True
+
+
+def _empty_circuit_logits(model, graph_file: Path, dataset, batch_size) -> float:
+    """max |logit| of EAP-IG's evaluate_graph on the empty circuit under zero ablation: 0 in exact
+    arithmetic for a model without biases (every reader's input is 0); what it is shows the
+    rounding left by its actual - sum(actual) construction (see FLOAT64)."""
+    from eap.evaluate import evaluate_graph
+    from eap.graph import Graph
+
+    g = Graph.from_json(str(graph_file))
+    g.in_graph[:] = False
+    for key, node in g.nodes.items():
+        if key != "logits":
+            node.in_graph = False
+    top = []
+
+    def metric(logits, clean_logits, input_lengths, label):
+        top.append(float(logits.abs().max()))
+        return logits[:, -1, 0]
+
+    evaluate_graph(model, g, dataset.to_dataloader(batch_size), metric, quiet=True, intervention="zero")
+    return max(top)
 
 
 def reference(work: Path, cases=CASES) -> None:
@@ -122,6 +224,7 @@ def reference(work: Path, cases=CASES) -> None:
     from MIB_circuit_track.metrics import get_metric
 
     _tiny_models(work, {c[1] for c in cases})
+    shimmed = _cpu_shim()
     for task in {c[2] for c in cases}:
         folder = work / "data" / task
         if task == "mcqa":  # MIB loads the config "4_answer_choices": the HF repository's layout, with its card
@@ -132,15 +235,18 @@ def reference(work: Path, cases=CASES) -> None:
         else:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(DATA / f"{task}.jsonl", folder / "validation.jsonl")
-    models, results = {}, {}
+    models, results, scored = {}, {}, set()
     for name, model_name, task, ablation, absolute, batch_size in cases:
-        if model_name not in models:
-            models[model_name] = _tl_model(work / model_name)
-            g = Graph.from_model(models[model_name])
+        dtype = torch.float64 if name in FLOAT64 else torch.float32
+        if (model_name, dtype) not in models:
+            models[model_name, dtype] = _tl_model(work / model_name, dtype)
+        model = models[model_name, dtype]
+        if model_name not in scored:  # one score file per model, whatever the dtype
+            scored.add(model_name)
+            g = Graph.from_model(model)
             gen = torch.Generator().manual_seed(1)
             g.scores[:] = torch.randn(g.scores.shape, generator=gen) * g.real_edge_mask  # signs mixed
             g.to_json(str(work / f"{model_name}.scores.json"))
-        model = models[model_name]
         graph = Graph.from_json(str(work / f"{model_name}.scores.json"))
         mib_task = {"arithmetic_addition": "arithmetic_addition"}.get(task, task)
         dataset = HFEAPDataset(str(work / "data" / task), model.tokenizer, split="validation", task=mib_task,
@@ -153,6 +259,9 @@ def reference(work: Path, cases=CASES) -> None:
         results[name] = {"seconds": time.perf_counter() - started, "faithfulness": faithfulness, "cpr": area_under,
                          "cmd": area_from_1, "average": average, "weighted_edge_counts": counts,
                          "n_examples": len(dataset), "n_edges": len(graph.edges)}
+        if ablation == "zero" and model_name == "gemma2":  # no biases: the empty circuit's logits are exactly 0
+            results[name]["empty_circuit_max_abs_logit"] = _empty_circuit_logits(model, work / f"{model_name}.scores.json",
+                                                                                   dataset, batch_size)
     import hashlib
     import importlib.metadata as md
 
@@ -170,6 +279,7 @@ def reference(work: Path, cases=CASES) -> None:
         except md.PackageNotFoundError:
             return None
 
+    results["_cuda_zeros_on_cpu"] = shimmed
     results["_versions"] = {
         "transformer_lens": md.version("transformer_lens"), "transformers": transformers.__version__,
         "torch": torch.__version__, "eap": {"installed_from": origin("eap"), "graph.py": sha(eap, "graph.py"),
@@ -204,11 +314,14 @@ def ours(work: Path, cases=CASES) -> dict:
         tok = AutoTokenizer.from_pretrained(path)
         mib_task = load_mib_task(work / "data" / task, tok)
         batches = mib_task.batches(batch_size, "validation")
-        model = EdgePrunedModel.from_pretrained(path, ablation="corrupted", kv_per_query_head=True)
+        post_norm = POST_NORM.get(model_name, "writer")
+        dtype = torch.float64 if name in FLOAT64 else torch.float32
+        model = EdgePrunedModel.from_pretrained(path, ablation="corrupted", kv_per_query_head=True, post_norm=post_norm,
+                                                dtype=dtype)
         if ablation == "zero":
             S = max(b.input_ids.shape[1] for b in batches)
             model = EdgePrunedModel.from_hf(model.hf, ablation="mean", mean_writers=mib_zero_writers(model, S),
-                                            kv_per_query_head=True)
+                                            kv_per_query_head=True, post_norm=post_norm)
         d = json.loads((work / f"{model_name}.scores.json").read_text())
         if not out:  # warm up (first calls pick the backends); MIB's time also excludes loading its model
             evaluate_budgets(model, budgets(model.graph, torch.randperm(model.graph.n_edges), [1.0], pruned=False),
@@ -226,8 +339,19 @@ def ours(work: Path, cases=CASES) -> dict:
         diffs = [abs(a - b) for a, b in zip(fs, theirs["faithfulness"])]
         counts = [by_percent[round(100 * f, 10)]["n_edges_kept"] for f in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
                                                                             0.1, 0.2, 0.5, 1)]
+        other = None
+        if post_norm == "reader":  # the same circuits in our default mode: how far from MIB's that is
+            writer = EdgePrunedModel.from_hf(model.hf, ablation=model.ablation, mean_writers=None if ablation != "zero"
+                                             else mib_zero_writers(EdgePrunedModel.from_hf(model.hf, kv_per_query_head=True), S),
+                                             kv_per_query_head=True)
+            w_points = {round(p["percent"], 10): p for p in evaluate_budgets(writer, circuits, batches,
+                                                                             mib_task.metric)["points"]}
+            other = max(abs(w_points[round(100 * f, 10)]["faithfulness"] - b) for f, b in
+                        zip((0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1), theirs["faithfulness"]))
+        extra = {k: theirs[k] for k in ("empty_circuit_max_abs_logit",) if k in theirs}
         out[name] = {
-            "model": model_name, "task": task, "ablation": ablation, "absolute": absolute, "batch_size": batch_size,
+            **extra, "model": model_name, "task": task, "ablation": ablation, "absolute": absolute, "batch_size": batch_size,
+            "dtype": str(dtype).removeprefix("torch."), "post_norm": post_norm, "max_abs_diff_post_norm_writer": other,
             "n_examples": result["n_examples"], "n_examples_mib": theirs["n_examples"], "n_edges": model.graph.n_edges,
             "n_edges_mib": theirs["n_edges"], "edges_kept": counts, "edges_kept_mib": theirs["weighted_edge_counts"],
             "faithfulness": fs, "faithfulness_mib": theirs["faithfulness"], "max_abs_diff": max(diffs),

@@ -16,7 +16,9 @@ the reference capture, masks.py for the mask parameters. One forward (ARCHITECTU
       z          = scaled_dot_product_attention(q, k, v, causal (+ sliding window) + padding
                    mask, scale); with an attention softcap (Gemma-2) the same written out
       slots[a{l}.h*] = z_h @ W_O[h] + b_O / H                              [H, B, S, D]
-                   (with a post-attention norm: each head's share of RMSNorm(o), writers.py)
+                   (with a post-attention norm: each head's share of RMSNorm(o), writers.py;
+                   under post_norm="reader" the pre-norm z_h W_O[h], each reader then norming
+                   its own mix of every upstream layer's heads: post_norm.py)
       x_m        = edge_mix(log_alpha[m{l}], slots[:W_m], corrupt[:W_m])   (W_m = W_l if parallel)
       slots[m{l}] = mlp(mlp_norm(x_m))                  (post-MLP norm applied where there is one)
     logits       = unembed(final_norm(edge_mix(log_alpha[resid_post], slots, corrupt)))
@@ -72,6 +74,7 @@ from .models import Adapter, adapter_for
 from .ops import edge_mix, hard_concrete, mix
 from .ops.hard_concrete import draw_seed
 from .ops.params import HardConcreteParams
+from .post_norm import check_post_norm, normed_layers, post_norm_mix
 from .sharding import fsdp_wrapped
 from .writers import WriterStore, capture_writer_states, embedding_writers, head_writers, rms_norm
 
@@ -110,7 +113,7 @@ class EdgePrunedModel(nn.Module):
     def __init__(self, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                  ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
                  init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
-                 corrupted_on_cpu: bool = False, kv_per_query_head: bool = False) -> None:
+                 corrupted_on_cpu: bool = False, kv_per_query_head: bool = False, post_norm: str = "writer") -> None:
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation: expected one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
@@ -128,6 +131,7 @@ class EdgePrunedModel(nn.Module):
             raise NotImplementedError(f"kv_per_query_head: {adapter.architecture}'s k norm spans all KV heads, which "
                                       f"per-query-head k readers of grouped heads cannot reproduce; expected "
                                       f"kv_per_query_head=False for this model")
+        self.post_norm = check_post_norm(post_norm, adapter)
         model.eval()
         self.hf = model
         self.adapter: Adapter = adapter
@@ -138,6 +142,9 @@ class EdgePrunedModel(nn.Module):
                                         kv_per_query_head))
         self.masks = EdgeMasks(self._graph, node_masks=node_masks, init=init, init_std=init_std, params=params,
                                device=adapter.device)
+        # reader mode: the post-normed layers' head slots, normed per reader (post_norm.py)
+        self._normed = () if self.post_norm == "writer" else \
+            normed_layers(adapter, lambda i: self._graph.slot(f"a{i}.h0"))
         self.checkpoint_layers = bool(checkpoint_layers)
         self.corrupted_on_cpu = bool(corrupted_on_cpu)
         self.sharding = None  # sharding.ShardedWeights once shard_weights() is called; None: weights replicated
@@ -153,19 +160,24 @@ class EdgePrunedModel(nn.Module):
     def from_hf(cls, model: nn.Module, *, split_embeds: bool = False, node_masks: bool = True,
                 ablation: str = "corrupted", mean_writers: torch.Tensor | None = None, init: float = 10.0,
                 init_std: float = 0.01, params: HardConcreteParams | None = None, checkpoint_layers: bool = False,
-                corrupted_on_cpu: bool = False, kv_per_query_head: bool = False) -> EdgePrunedModel:
+                corrupted_on_cpu: bool = False, kv_per_query_head: bool = False,
+                post_norm: str = "writer") -> EdgePrunedModel:
         """Wrap a loaded HF causal LM (its modules and weights are reused and frozen; it is put
         in eval mode). ``init``/``init_std``: log_alpha ~ N(init, init_std). ``checkpoint_layers``:
         recompute each layer in backward (see the module docstring); ``corrupted_on_cpu``: keep
         the corrupted writer states in host memory, streamed to the device per read.
         ``kv_per_query_head``: under grouped-query attention, one k and one v reader per query
-        head (MIB's graph, graph.py) instead of one per KV head."""
+        head (MIB's graph, graph.py) instead of one per KV head. ``post_norm`` (models whose
+        attention output is normed before the residual: Gemma-2, OLMo-2): "writer" (default),
+        head h writes its share g * o_h / rms(o) of the normed output; "reader" (MIB / EAP-IG's
+        graph), head h writes z_h W_O[h] and each reader norms its own mix of the layer's heads
+        (post_norm.py says what a circuit means in each)."""
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected a loaded HF causal LM (nn.Module), got {_describe(model)}")
         return cls(model, split_embeds=split_embeds, node_masks=node_masks, ablation=ablation,
                    mean_writers=mean_writers, init=init, init_std=init_std, params=params,
                    checkpoint_layers=checkpoint_layers, corrupted_on_cpu=corrupted_on_cpu,
-                   kv_per_query_head=kv_per_query_head)
+                   kv_per_query_head=kv_per_query_head, post_norm=post_norm)
 
     def gradient_checkpointing(self, enable: bool = True) -> EdgePrunedModel:
         """Turn per-layer activation checkpointing on or off (see the module docstring)."""
@@ -197,6 +209,9 @@ class EdgePrunedModel(nn.Module):
         first. ``mesh``: a 1-D DeviceMesh (default: every process)."""
         from .sharding import shard_weights
 
+        if self._normed:
+            raise ValueError("post_norm: 'reader' reads every upstream layer's post-norm weights in each layer, which "
+                             "sharded weights do not hold; expected post_norm='writer' with shard_weights")
         self.sharding, self.adapter = shard_weights(self.adapter, mesh)
         return self
 
@@ -354,7 +369,8 @@ class EdgePrunedModel(nn.Module):
         with self._gathered_root():  # sharded: FSDP's own hooks gather each layer in the HF forward
             if not states and self.adapter.reference_fn is None:
                 return self.adapter.full_forward(ids, mask, pos), None
-            out, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos, logits=logits)
+            out, writer_states = capture_writer_states(self.adapter, self._graph, ids, mask, pos, logits=logits,
+                                                       post_norm=self.post_norm)
         return out, writer_states if states else None
 
     @torch.no_grad()
@@ -418,7 +434,8 @@ class EdgePrunedModel(nn.Module):
         cids = self._check_ids("corrupted_input_ids", corrupted_input_ids, like=ids)
         cmask = self._check_attention_mask("corrupted_attention_mask", corrupted_attention_mask, ids.shape)
         with self._gathered_root():
-            states = capture_writer_states(self.adapter, self._graph, cids, cmask, pos, logits=False)[1]
+            states = capture_writer_states(self.adapter, self._graph, cids, cmask, pos, logits=False,
+                                           post_norm=self.post_norm)[1]
             return self.place_corrupted_writers(states)
 
     def place_corrupted_writers(self, states: torch.Tensor) -> torch.Tensor:
@@ -455,6 +472,8 @@ class EdgePrunedModel(nn.Module):
         B, S = ids.shape
         attn_masks = {w: self._sdpa_mask(mask, S, w) for w in {s.sliding_window for s in a.layers}}
         store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
+        if self._normed:
+            store.exclude_from_sum(s for nl in self._normed for s in range(nl.first, nl.stop))
         with self._gathered_root():
             store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
         rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
@@ -536,6 +555,9 @@ class EdgePrunedModel(nn.Module):
         delta = store.read(n)
         sink = store.grad_into(n) if torch.is_grad_enabled() else None  # backward adds into the slots' gradient
         base = store.corrupted_sum(n)  # float32, added inside the kernel: x is rounded once
+        normed = [nl for nl in self._normed if nl.stop <= n]
+        if normed:
+            return self._read_normed(gi, store, training, noise, normed, delta, sink, base)
         if m.circuit is not None:
             z = m.circuit[gi]
             x = mix(z, delta, base=base, grad_into=sink)
@@ -545,6 +567,35 @@ class EdgePrunedModel(nn.Module):
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
             x, z = edge_mix(la, delta, **kw)
+        return x, (z.detach() > 0).sum()
+
+    def _read_normed(self, gi, store: WriterStore, training, noise, normed, delta, sink, base):
+        """_read under post_norm="reader" for a group with post-normed heads upstream: the
+        masks z drawn on their own, the linear part mixed with those heads' columns zeroed
+        (``base`` leaves them out: exclude_from_sum), each such layer normed per reader on the
+        mix of its heads (post_norm.py)."""
+        m, n = self.masks, delta.shape[0]
+        if m.circuit is not None:
+            z = m.circuit[gi]
+        else:
+            la, p = m.edge_log_alpha[gi], m.params
+            if m.node_log_alpha is not None:
+                z = hard_concrete(la, u=noise.get("u_edge"), training=training, params=p) * \
+                    hard_concrete(m.node_log_alpha[:n], u=noise.get("u_node"), training=training, params=p)[None]
+            else:
+                z = hard_concrete(la, seed=noise.get("seed"), training=training, params=p)
+        linear = torch.ones(n, dtype=z.dtype, device=z.device)
+        parts = []
+        for nl in normed:
+            linear[nl.first:nl.stop] = 0
+            spec = self.adapter.layers[nl.layer]
+            b = store.corrupted_range_sum(nl.first, nl.stop)
+            if spec.b_O is not None:
+                b = spec.b_O.to(_arith(delta.dtype)).expand(delta.shape[1:]) if b is None else b + spec.b_O
+            parts.append((nl.first, nl.stop, spec.attn_post_norm, b))
+        x = mix(z * linear, delta, base=base, grad_into=sink)
+        grads = store.grad_buffer(n) if torch.is_grad_enabled() else None
+        x = (x + post_norm_mix(z, delta, parts, grads)).to(delta.dtype)
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:
@@ -587,7 +638,13 @@ class EdgePrunedModel(nn.Module):
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=spec.scale)
         else:
             z = softcapped_attention(q, k, v, attn_mask, is_causal, spec.scale, spec.softcap)
+        if self._normed and spec.attn_post_norm is not None:  # reader mode: the pre-norm outputs (post_norm.py)
+            return head_writers(z, spec.W_O, None)
         return head_writers(z, spec.W_O, spec.b_O, post_norm=spec.attn_post_norm)
+
+
+def _arith(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def softcapped_attention(q, k, v, attn_mask: torch.Tensor | None, is_causal: bool, scale: float,

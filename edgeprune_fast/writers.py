@@ -58,6 +58,9 @@ corrupted) output: the shares sum to the norm's output exactly, and removing hea
 every reader under zero ablation is the model minus that share. The MLP writer is the
 normed MLP output. Both the pruned forward (``head_writers``, ``rms_norm``) and the capture
 compute them so, in float32 (float64 for float64 models) as HF's RMSNorms do in float32.
+That is the default, ``post_norm="writer"``; under ``"reader"`` (MIB / EAP-IG's graph,
+post_norm.py) a post-normed layer's head writers are the pre-norm z_h W_O[h] and each reader
+norms its own mix of them.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class WriterStore:
         self.corrupt = corrupt  # [W, B, S, D] in the model dtype, on the device or in host memory; or None
         self._sum: torch.Tensor | None = None  # corrupted_sum(self._sum_n)
         self._sum_n = 0
+        self._skip: frozenset[int] = frozenset()  # slots left out of corrupted_sum (exclude_from_sum)
+        self._range_sums: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -139,9 +144,27 @@ class WriterStore:
             self._sum = torch.zeros(self.buffer.shape[1:], dtype=dtype, device=self.buffer.device)
             self._sum_n = 0
         for w in range(self._sum_n, n):  # one slot at a time: the same bits however often it restarts
-            self._sum += self.corrupted(w, w + 1)[0]
+            if w not in self._skip:
+                self._sum += self.corrupted(w, w + 1)[0]
         self._sum_n = max(self._sum_n, n)
         return self._sum
+
+    def exclude_from_sum(self, slots) -> None:
+        """Leave these slots out of ``corrupted_sum`` (post_norm.py's reader mode: a post-normed
+        layer's heads enter the readers through the norm, not the sum). Before any read."""
+        self._skip = frozenset(int(s) for s in slots)
+        self._sum, self._sum_n = None, 0
+
+    def corrupted_range_sum(self, start: int, stop: int) -> torch.Tensor | None:
+        """sum_{start <= w < stop} corrupt[w] [B, S, D] in float32 (float64 for float64 slots),
+        kept until release_corrupted; None without corrupted states."""
+        if self.corrupt is None:
+            return None
+        key = (start, stop)
+        if key not in self._range_sums:
+            dtype = torch.float64 if self.buffer.dtype == torch.float64 else torch.float32
+            self._range_sums[key] = self.corrupted(start, stop).to(dtype).sum(0)
+        return self._range_sums[key]
 
     def write(self, y: torch.Tensor) -> None:
         """Append y [k, B, S, D] (k writers) at the next slots."""
@@ -166,6 +189,7 @@ class WriterStore:
         never reads them (unless a checkpointed layer is recomputed), so a caller that keeps
         no reference of its own frees them before backward."""
         self.corrupt, self._sum, self._sum_n = None, None, 0
+        self._range_sums = {}
 
     def grad_into(self, n: int):
         """For edge_mix's ``grad_into`` on a read of n slots: a function giving G[:n] when
@@ -176,6 +200,15 @@ class WriterStore:
             return None
         slots, full = self.slots, n == self.buffer.shape[0]
         return lambda: slots.grad_view(n, full)
+
+    def grad_buffer(self, n: int):
+        """For a reader that adds its gradient into the slots' gradient itself (post_norm.py): a
+        function giving G[:n] when backward runs, G allocated zeroed if it does not exist yet;
+        None without autograd. Holds the slots, never the store (see Slots)."""
+        if not self.token.requires_grad:
+            return None
+        slots = self.slots
+        return lambda: slots.gradient()[:n]
 
     def read(self, n: int) -> torch.Tensor:
         """The view buffer[:n] of the first n writers (all already written)."""
@@ -283,11 +316,13 @@ def head_writers(z: torch.Tensor, W_O: torch.Tensor, b_O: torch.Tensor | None,
 @torch.no_grad()
 def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tensor,
                           attention_mask: torch.Tensor | None, position_ids: torch.Tensor, *,
-                          logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                          logits: bool = True, post_norm: str = "writer") -> tuple[torch.Tensor | None, torch.Tensor]:
     """(logits, states [W, B, S, D] in graph writer order) from one plain forward of the
     unmodified model with per-head outputs captured (see the module docstring).
     ``logits=False``: (None, states), the forward stopping before the unembedding where the
-    adapter has a ``body_forward`` (the corrupted run's logits are never used)."""
+    adapter has a ``body_forward`` (the corrupted run's logits are never used).
+    ``post_norm="reader"``: a post-normed layer's head states are the pre-norm z_h W_O[h],
+    without b_O (post_norm.py)."""
     if adapter.reference_fn is not None:
         out = adapter.reference_fn(input_ids, attention_mask, position_ids, graph)
         return out if logits else (None, out[1])
@@ -303,7 +338,10 @@ def capture_writer_states(adapter: Adapter, graph: Graph, input_ids: torch.Tenso
         def z_hook(module, args, first=first, H=H, spec=spec):
             z = args[0]  # [B, S, H*dv], the heads concatenated
             z = z.view(*z.shape[:-1], H, -1).transpose(1, 2)
-            head_writers(z, spec.W_O, spec.b_O, out=states[first:first + H], post_norm=spec.attn_post_norm)
+            if post_norm == "reader" and spec.attn_post_norm is not None:
+                head_writers(z, spec.W_O, None, out=states[first:first + H])
+            else:
+                head_writers(z, spec.W_O, spec.b_O, out=states[first:first + H], post_norm=spec.attn_post_norm)
 
         def mlp_hook(module, args, output, slot=mlp_slot, norm=spec.mlp_post_norm):
             y = output[0] if isinstance(output, tuple) else output

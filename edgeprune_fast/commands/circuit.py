@@ -93,7 +93,8 @@ def run(args: Namespace) -> int:
     rows = []
     with staged_output(args.out) as stage:
         for target in sorted(set(args.sparsity)):
-            circuit = Circuit.from_masks(masks, target, config={"source_run": str(args.run), "run": vars(settings)
+            circuit = Circuit.from_masks(masks, target, config={"source_run": str(args.run), "post_norm": model.post_norm,
+                                                                 "run": vars(settings)
                                                                  | {"model": str(settings.model),
                                                                     "data": settings.data and str(settings.data)}})
             if task is not None:
@@ -113,7 +114,8 @@ def _model(settings: Namespace, task):
     """(the run's model, its masks): with weights for evaluation; without (``task`` None) the
     model is built on the meta device for its graph, and the masks live on the CPU."""
     kw = dict(split_embeds=settings.split_embeds, node_masks=not settings.no_node_masks,
-              kv_per_query_head=bool(getattr(settings, "kv_per_query_head", False)))
+              kv_per_query_head=bool(getattr(settings, "kv_per_query_head", False)),
+              post_norm=getattr(settings, "post_norm", None) or "writer")
     if task is not None:
         model = load_model_for(settings, settings.ablation, task.batches(settings.batch_size, "train"), **kw)
         return model, model.masks

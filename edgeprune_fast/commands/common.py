@@ -19,6 +19,10 @@ from ..errors import UsageError
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 ABLATIONS = ("corrupted", "zero", "mean")
+POST_NORMS = ("writer", "reader")  # post_norm.py
+POST_NORM_HELP = ("models whose attention output is normed before the residual (Gemma-2, OLMo-2): writer: head h "
+                  "writes its share g*o_h/rms(o) of the normed output; reader: head h writes its pre-norm output "
+                  "and each reader norms its own mix of the layer's heads (MIB / EAP-IG's graph)")
 PICTURE_NAME = "circuit"
 
 
@@ -80,9 +84,11 @@ def add_task_source(p: argparse.ArgumentParser, *, required: bool = True) -> Non
                      "set (its rows, file or folder)")
 
 
-def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stored: bool = False) -> None:
+def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stored: bool = False,
+                      post_norm_default: str = "writer (default)") -> None:
     """The model and how to run it. ``stored``: for commands that read a circuit file, whose
-    ablation and embedding mode are the defaults (None here: the file's)."""
+    ablation and embedding mode are the defaults (None here: the file's). ``post_norm_default``:
+    "writer (default)", or a sentence saying what the command chooses (--post-norm None)."""
     p.add_argument("--model", type=model_dir, required=required, default=None,
                    help="folder of a saved HF causal LM and its tokenizer")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -95,6 +101,8 @@ def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stor
         p.add_argument("--kv-per-query-head", action=argparse.BooleanOptionalAction, default=None,
                        help="grouped-query models: one k and one v reader per query head (MIB's graph) instead of "
                             "per KV head (default: as in the circuit file; EAP-IG/MIB files: per KV head)")
+        p.add_argument("--post-norm", choices=POST_NORMS, default=None,
+                       help=POST_NORM_HELP + " (default: as in the circuit file, else writer)")
     else:
         p.add_argument("--ablation", choices=ABLATIONS, default="corrupted",
                        help="what a removed edge carries: the corrupted run's value (default), zero, or the mean")
@@ -102,6 +110,9 @@ def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stor
         p.add_argument("--kv-per-query-head", action="store_true",
                        help="grouped-query models: one k and one v reader per query head (MIB's graph) instead of "
                             "per KV head")
+        chooses = post_norm_default != "writer (default)"
+        p.add_argument("--post-norm", choices=POST_NORMS, default=None if chooses else "writer",
+                       help=f"{POST_NORM_HELP} (default: {post_norm_default.removesuffix(' (default)')})")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--examples", type=positive_int, default=256, help="examples to generate (generated tasks)")
     p.add_argument("--seed", type=int, default=0)
@@ -185,10 +196,16 @@ def load_model(args: Namespace, on_device=None, **kwargs):
     kwargs.setdefault("checkpoint_layers", getattr(args, "checkpoint_layers", False))
     kwargs.setdefault("corrupted_on_cpu", getattr(args, "corrupted_on_cpu", False))
     kwargs.setdefault("kv_per_query_head", bool(getattr(args, "kv_per_query_head", False)))
+    kwargs.setdefault("post_norm", getattr(args, "post_norm", None) or "writer")
     from safetensors import SafetensorError
 
     try:
         return EdgePrunedModel.from_pretrained(args.model, dtype=dtype, device=on_device, **kwargs)
+    except ValueError as exc:  # the library names its keyword; the user gave the option
+        if str(exc).startswith("post_norm: "):
+            raise UsageError("--post-norm: " + str(exc).removeprefix("post_norm: ").replace("'writer'", "writer")
+                             .replace("'reader'", "reader")) from None
+        raise
     except SafetensorError as exc:  # a cut or damaged weights file
         weights = sorted(p.name for p in Path(args.model).glob("*.safetensors")) or ["no *.safetensors"]
         raise UsageError(f"--model: expected readable weights in {str(args.model)!r}, got {', '.join(weights)}, "

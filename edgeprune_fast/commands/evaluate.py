@@ -1,8 +1,8 @@
 """`edgeprune eval`: a circuit file (ours or EAP-IG/MIB's graph JSON) on a task: KL to the
 full model, the task metric for circuit / full / empty, faithfulness.
 
-The ablation, the embedding mode and the k/v readers default to the ones the circuit was
-made with (our files store them; EAP-IG/MIB files have one ``input`` node and are taken as
+The ablation, the embedding mode, the k/v readers and the post-norm mode (``--post-norm``,
+Gemma-2 / OLMo-2: post_norm.py) default to the ones the circuit was made with (our files store them; EAP-IG/MIB files have one ``input`` node and are taken as
 corrupted ablation on the grouped graph); an option that overrides the file's setting says
 so. Mean ablation takes its means over the task's training batches, as prune does. A score
 file (every edge in_graph false, MIB's importances) needs ``--top-n`` or ``--top-percent``;
@@ -41,19 +41,20 @@ def add_arguments(ev: ArgumentParser) -> None:
 
 
 def stored_settings(path: Path) -> dict[str, object | None]:
-    """{ablation, split_embeds, kv_per_query_head} a circuit file was made with; None where it does not say."""
+    """{ablation, split_embeds, kv_per_query_head, post_norm} a circuit file was made with; None where it
+    does not say."""
     from ..circuit import read_circuit_json
     from ..formats import is_eap_ig
 
     d = read_circuit_json(path)
     if is_eap_ig(d):  # their graph: one input node; the k/v question is --gqa's
-        return {"ablation": None, "split_embeds": False, "kv_per_query_head": None}
-    graph = d.get("graph") or {}
-    return {"ablation": (d.get("config") or {}).get("ablation"), "split_embeds": graph.get("split_embeds"),
-            "kv_per_query_head": graph.get("kv_per_query_head")}
+        return {"ablation": None, "split_embeds": False, "kv_per_query_head": None, "post_norm": None}
+    graph, config = d.get("graph") or {}, d.get("config") or {}
+    return {"ablation": config.get("ablation"), "split_embeds": graph.get("split_embeds"),
+            "kv_per_query_head": graph.get("kv_per_query_head"), "post_norm": config.get("post_norm")}
 
 
-DEFAULTS = {"ablation": "corrupted", "split_embeds": False, "kv_per_query_head": False}
+DEFAULTS = {"ablation": "corrupted", "split_embeds": False, "kv_per_query_head": False, "post_norm": "writer"}
 
 
 def resolve(args: Namespace, path: Path, err=None) -> dict[str, object]:
@@ -70,8 +71,9 @@ def resolve(args: Namespace, path: Path, err=None) -> dict[str, object]:
 
 
 def run(args: Namespace) -> int:
-    from ..circuit import evaluate_circuit
-    from ..formats import load_circuit
+    from ..circuit import evaluate_circuit, read_circuit_json
+    from ..formats import is_eap_ig, load_circuit
+    from ..post_norm import has_post_norms
 
     settings = resolve(args, args.circuit)
     tokenizer = load_tokenizer(args.model)
@@ -80,12 +82,16 @@ def run(args: Namespace) -> int:
     ablation = settings["ablation"]
     model = load_model_for(args, ablation, task.batches(args.batch_size, "train"),
                            split_embeds=bool(settings["split_embeds"]),
-                           kv_per_query_head=bool(settings["kv_per_query_head"]))
+                           kv_per_query_head=bool(settings["kv_per_query_head"]), post_norm=settings["post_norm"])
     circuit = load_circuit(args.circuit, model.graph, gqa=args.gqa, top_n=args.top_n, top_percent=args.top_percent)
     circuit = evaluate_circuit(model, circuit, task, batches)
-    circuit = circuit.with_metrics({"ablation": ablation})
+    circuit = circuit.with_metrics({"ablation": ablation, "post_norm": model.post_norm})
+    if settings["post_norm"] == "writer" and has_post_norms(model.adapter) and is_eap_ig(read_circuit_json(args.circuit)):
+        print("note: an EAP-IG/MIB file on a model with post-attention norms, evaluated with --post-norm writer (ours); "
+              "MIB's evaluation norms each reader's mix of a layer's heads: --post-norm reader", file=sys.stderr)
+    post = f", post-norm {settings['post_norm']}" if has_post_norms(model.adapter) else ""
     print(f"{args.circuit} on {args.data or args.task} ({args.split}, {circuit.metrics['n_examples']} examples, "
-          f"{ablation} ablation):")
+          f"{ablation} ablation{post}):")
     print_metrics(circuit)
     if args.out is not None:
         with staged_file(args.out) as tmp:

@@ -28,7 +28,8 @@ def add_arguments(p: ArgumentParser) -> None:
     sub = p.add_subparsers(dest="mib_command", required=True)
     ev = sub.add_parser("evaluate", help="faithfulness at MIB's edge budgets, CPR and CMD")
     ev.add_argument("source", type=Path, help="an EAP-IG/MIB score file (.json), or a prune run folder")
-    add_model_options(ev)
+    add_model_options(ev, post_norm_default="reader for such models under --conventions mib, as MIB's evaluation; "
+                                            "else writer")
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="a task of ours by name: ioi, greater-than, gendered-pronouns")
     src.add_argument("--data", type=Path, help="a local copy of a MIB data set (file or folder), or a JSONL of ours")
@@ -37,7 +38,8 @@ def add_arguments(p: ArgumentParser) -> None:
     ev.add_argument("--head", type=positive_int, default=None,
                     help="evaluate the first N examples of the split (MIB's --head)")
     ev.add_argument("--conventions", choices=["mib", "edgeprune"], default="mib",
-                    help="MIB's (BOS, prune, what zero ablation keeps; default) or this package's")
+                    help="MIB's (BOS, prune, what zero ablation keeps, post-norms normed per reader; default) or this "
+                         "package's")
     ev.add_argument("--rank", choices=["auto", "abs", "signed"], default="auto",
                     help="score files: by |score|, by score, or auto: both when some score is negative "
                          "(CPR from the signed curve, CMD from the |score| curve, as MIB's print_results)")
@@ -78,6 +80,23 @@ def _task(args, tokenizer):
     return task, False
 
 
+def _post_norm(args, model) -> str:
+    """--post-norm, or by default: "reader" for models with post-attention norms under MIB's
+    conventions (as MIB's evaluation, post_norm.py), else "writer"; said when it matters."""
+    from ..post_norm import has_post_norms
+
+    if not has_post_norms(model.adapter):
+        return model.post_norm  # writer (load_model refused --post-norm reader)
+    if args.post_norm is not None:
+        return args.post_norm
+    chosen = "reader" if args.conventions == "mib" else "writer"
+    print(f"note: {model.adapter.architecture} norms its attention output before the residual; "
+          + ("each reader norms its own mix of a layer's heads, as MIB's evaluation (--post-norm reader)"
+             if chosen == "reader" else "head h writes its share of the normed output (--post-norm writer)"),
+          file=sys.stderr)
+    return chosen
+
+
 def _model(args, batches):
     from ..mib.evaluate import mib_zero_writers
     from ..model import EdgePrunedModel
@@ -90,7 +109,12 @@ def _model(args, batches):
                          "ablation, or corrupted / zero")
     model = load_model(args, split_embeds=False, ablation="corrupted" if args.ablation == "corrupted" else "zero",
                        kv_per_query_head=True)
-    kw = dict(ablation="mean", kv_per_query_head=True, checkpoint_layers=False)
+    post_norm = _post_norm(args, model)
+    if post_norm != model.post_norm:
+        model = EdgePrunedModel.from_hf(model.hf, ablation=model.ablation, kv_per_query_head=True, post_norm=post_norm,
+                                        checkpoint_layers=model.checkpoint_layers,
+                                        corrupted_on_cpu=model.corrupted_on_cpu)
+    kw = dict(ablation="mean", kv_per_query_head=True, checkpoint_layers=False, post_norm=post_norm)
     if args.ablation == "zero" and args.conventions == "mib":
         S = max(b.input_ids.shape[1] for b in batches)
         model = EdgePrunedModel.from_hf(model.hf, mean_writers=mib_zero_writers(model, S), **kw)
@@ -129,6 +153,7 @@ def _evaluate(args: Namespace) -> int:
 
     from ..circuit import _json_safe
     from ..mib.evaluate import budgets, curve_percents, evaluate_budgets, plot_curve, summarise
+    from ..post_norm import has_post_norms
 
     if args.out.suffix != ".json":
         raise UsageError(f"--out: expected a .json report path, got {str(args.out)!r}")
@@ -154,7 +179,7 @@ def _evaluate(args: Namespace) -> int:
     report = {
         "source": str(args.source), "model": str(args.model), "task": getattr(task, "name", None),
         "data": None if args.data is None else str(args.data), "split": args.split, "ablation": args.ablation,
-        "conventions": args.conventions, "metric": getattr(task, "metric_name", "metric"),
+        "conventions": args.conventions, "post_norm": model.post_norm if has_post_norms(model.adapter) else None, "metric": getattr(task, "metric_name", "metric"),
         "n_edges_total": graph.n_edges, "graph": json.loads(graph.signature()), "n_examples": main["n_examples"],
         "metric_full": main["metric_full"], "metric_empty": main["metric_empty"], "points": main["points"],
         "cpr": main["cpr"], "cmd": curves.get("abs", main)["cmd"], "average": main["average"],
@@ -174,7 +199,9 @@ def _evaluate(args: Namespace) -> int:
 
 def _print(report: dict) -> None:
     print(f"{report['source']} on {report['task']} ({report['split']}, {report['n_examples']} examples, "
-          f"{report['ablation']}, {report['conventions']} conventions); {report['n_edges_total']} edges (MIB's count)")
+          f"{report['ablation']}, {report['conventions']} conventions"
+          + (f", post-norm {report['post_norm']}" if report.get("post_norm") else "")
+          + f"); {report['n_edges_total']} edges (MIB's count)")
     print(f"  {report['metric']}: full {report['metric_full']:.4f}, empty {report['metric_empty']:.4f}")
     print("  % edges   at most   kept   faithfulness")
     for p in report["points"]:

@@ -339,7 +339,7 @@ def _one_target(args, target, task, model, train_batches, eval_batches, dp, fold
         model.save_masks(stage / "masks.safetensors")
     circuit = Circuit.from_masks(model, target if args.discretise == "exact" else None,
                                  config={"model": str(args.model), "task": _source(args), "ablation": args.ablation,
-                                         "dtype": args.dtype, "split_embeds": args.split_embeds,
+                                         "post_norm": model.post_norm, "dtype": args.dtype, "split_embeds": args.split_embeds,
                                          "node_masks": not args.no_node_masks, "train": config.to_dict(),
                                          "batch_size": args.batch_size,
                                          "processes": 1 if dp is None else dp.world_size,

@@ -33,10 +33,15 @@ and ours differ; "mib" reproduces theirs:
                        averages over nodes and the last position     evaluation data's real tokens
                        and runs on CUDA only
     graph              k/v readers per query head (ungrouped GQA)   the same (budgets are over MIB's count)
+    post-attention     head writes z_h W_O[h]; each reader norms    head h writes its share g o_h / rms(o)
+    norms (Gemma-2)    its own mix of a layer's heads                of the normed output
+                       (post_norm="reader", post_norm.py)            (post_norm="writer"); --post-norm
+                                                                     chooses either under both conventions
 
 Under patching (corrupted) the constants above cancel (clean and corrupted runs share them),
-so the two conventions differ only in the BOS and the prune (neutral under patching: a node
-without incoming edges computes its corrupted output anyway).
+so the two conventions differ only in the BOS, the prune (neutral under patching: a node
+without incoming edges computes its corrupted output anyway) and, for models with
+post-attention norms, the default post-norm mode.
 """
 
 from __future__ import annotations
@@ -139,7 +144,9 @@ def _circuit_masks(graph: Graph, keep: torch.Tensor, device) -> list[torch.Tenso
 def mib_zero_writers(model, n_positions: int) -> torch.Tensor:
     """[W, S, D]: what each writer keeps under EAP-IG's zero ablation (module docstring): the
     position embedding for the input node, b_O/H + (beta W_V[g] + b_V[g]) W_O[h] for head h of
-    KV group g (beta: the bias of the head's input LayerNorm, none for RMSNorm), 0 for an MLP."""
+    KV group g (beta: the bias of the head's input LayerNorm, none for RMSNorm), 0 for an MLP.
+    Under post_norm="reader" a post-normed layer's b_O is not a head's: it enters that layer's
+    norm whatever is kept (post_norm.py), so the heads keep only the value-bias part."""
     a, g = model.adapter, model.graph
     if g.config.split_embeds:
         raise ValueError("model: MIB's conventions have one input node; expected a model without split_embeds")
@@ -151,7 +158,7 @@ def mib_zero_writers(model, n_positions: int) -> torch.Tensor:
         H, K = spec.n_heads, spec.n_kv_heads
         first = g.slot(f"a{layer}.h0")
         c = torch.zeros(H, a.d_model, dtype=torch.float32, device=a.device)
-        if spec.b_O is not None:
+        if spec.b_O is not None and not (model.post_norm == "reader" and spec.attn_post_norm is not None):
             c += spec.b_O.float() / H
         v_bias = torch.zeros(K, spec.W_V.shape[-1], dtype=torch.float32, device=a.device)
         norm_bias = getattr(spec.attn_norm, "bias", None)  # a LayerNorm's: folded into b_V by fold_ln

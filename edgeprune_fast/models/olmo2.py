@@ -14,6 +14,15 @@ autograd keeps the norms' float32 inputs, [H, N, H*dh] and [K, N, K*dh] per laye
 batch * seq), 2 * 32 * 4 N D bytes for OLMo-2-7B: two thirds of what a Llama layer's RMSNorm
 over the attention readers' inputs keeps (4 (H + 2K) N D; OLMo-2 has no such norm). (The rms
 alone could come from x^T (W_Q W_Q^T) x, the same [D, D] product per reader when H*dh = D.)
+
+Post-norm modes (post_norm.py): the default "writer" as above; ``post_norm="reader"`` gives
+Gemma-2's MIB / EAP-IG treatment (pre-norm head writers, each reader norming its own mix of a
+layer's heads) to OLMo-2's post-attention norm, by the same machinery. MIB has no OLMo-2
+(TransformerLens 2.9.1, which MIB pins, has none). TransformerLens' later OLMo-2 does not set
+``use_normalization_before_and_after`` and applies the norm after ``hook_attn_out``, so EAP-IG's
+evaluate_graph would mix the pre-norm ``hook_result`` linearly into a residual that receives
+the norm of their sum: there its circuits do not reproduce the model's corrupted run even when
+empty. "reader" is what EAP-IG's Gemma-2 path would do for this layout.
 """
 
 from __future__ import annotations

@@ -103,11 +103,17 @@ def _llama_layout(model, blk):
     return (norm1, norm2, proj, o_w, at.o_proj.bias, at.scaling, softcap, window, *(post or (None, None)))
 
 
-def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None, kv_per_query_head=False):
-    """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero).
+def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None, kv_per_query_head=False,
+                 post_norm="writer"):
+    """logits and {writer: output}; kept: set of (writer, reader), or {(writer, reader): mask value
+    z} (soft masks, z * clean + (1 - z) * ablated; absent: 0); ablated: {writer: tensor} or None (zero).
     attention_mask [B, S] (1 = token): padded keys are masked; positions stay arange(S) as in HF;
     a query that sees no key gets z = 0. kv_per_query_head: every query head has its own k/v
-    reader, projected with its KV group's weights."""
+    reader, projected with its KV group's weights. post_norm="reader" (models with a
+    post-attention norm): head h's output is the pre-norm z_h W_O[h] and every reader gets,
+    for each upstream post-normed layer, RMSNorm(b_O + sum_h of that layer's heads, each its
+    clean output if the edge is kept, else its ablated one (0 under zero ablation)), MIB /
+    EAP-IG's evaluate_graph on TransformerLens."""
     arch, base, blocks, final_norm, rotary = parts(model)
     cfg = model.config
     B, S = ids.shape
@@ -133,13 +139,28 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
         y["embeds"] = base.embed_in(ids)
     parallel = arch == "neox" and cfg.use_parallel_residual
 
+    normed = {}  # reader mode: {head writer: layer}, {layer: (gain, eps, b_O)}
+    post_of = {}
+
     def read(reader, n_upstream):
         x = torch.zeros(B, S, D, dtype=y[writers[0]].dtype)
+        mixes = {}
         for w in writers[:n_upstream]:
-            if (w, reader) in kept:
-                x = x + y[w]
-            elif ablated is not None:
-                x = x + ablated[w]
+            if isinstance(kept, dict):  # soft masks: z * clean + (1 - z) * ablated
+                zw = kept.get((w, reader), 0.0)
+                value = zw * y[w] + (0.0 if ablated is None else (1 - zw) * ablated[w])
+            else:
+                value = y[w] if (w, reader) in kept else (ablated[w] if ablated is not None else None)
+            if w in normed:  # summed per layer, normed below
+                layer = normed[w]
+                mixes.setdefault(layer, torch.zeros_like(x))
+                if value is not None:
+                    mixes[layer] = mixes[layer] + value
+            elif value is not None:
+                x = x + value
+        for layer, o in mixes.items():
+            gain, eps, b = post_of[layer]
+            x = x + rms_normed(o + (0 if b is None else b), gain, eps)
         return x
 
     for layer, blk in enumerate(blocks):
@@ -185,7 +206,12 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             scores = scores.masked_fill(~allowed, float("-inf"))
             z = scores.softmax(-1).nan_to_num(0.0) @ v
             outs.append(z @ o_w(h) + (0 if o_b is None else o_b / H))
-        if attn_post is not None:  # each head's share of RMSNorm(o), o the whole attention output
+        if attn_post is not None and post_norm == "reader":  # pre-norm outputs, normed by each reader
+            if o_b is not None:
+                outs = [o - o_b / H for o in outs]
+            post_of[layer] = (*attn_post, o_b)
+            normed.update({f"a{layer}.h{h}": layer for h in range(H)})
+        elif attn_post is not None:  # each head's share of RMSNorm(o), o the whole attention output
             gain, eps = attn_post
             rms = torch.sqrt((sum(outs) ** 2).mean(-1, keepdim=True) + eps)
             outs = [gain * o / rms for o in outs]
