@@ -56,8 +56,8 @@ token that threads the layer), with or without checkpointing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +141,7 @@ class EdgePrunedModel(nn.Module):
         self.checkpoint_layers = bool(checkpoint_layers)
         self.corrupted_on_cpu = bool(corrupted_on_cpu)
         self.sharding = None  # sharding.ShardedWeights once shard_weights() is called; None: weights replicated
+        self.probe = None  # attribution.py's probe during probed_forward: sees every read, may replace writes
         self.mean_writers: torch.Tensor | None = None
         if mean_writers is not None:
             self.set_mean_writers(mean_writers)
@@ -432,6 +433,31 @@ class EdgePrunedModel(nn.Module):
         states = states.to("cpu", a.dtype)
         return states.pin_memory() if a.device.type == "cuda" and not states.is_pinned() else states
 
+    @contextmanager
+    def probing(self, probe) -> Iterator[None]:
+        """Inside: every mask exactly 1 and ``probe`` (attribution.py) shown each reader group's
+        input (``probe.read(group, x) -> x``, which may attach a backward hook) and each write
+        (``probe.write(slot, y) -> y or its replacement``) of :meth:`probed_forward`. Stay
+        inside through backward: checkpointed layers are recomputed there. On exit the learned
+        masks, any fixed circuit and the ablation mode are as they were."""
+        dtype = torch.float64 if self.adapter.dtype == torch.float64 else torch.float32
+        ones = [torch.ones(len(g.readers), g.n_upstream, dtype=dtype, device=self.adapter.device)
+                for g in self._graph.groups]
+        saved, self.masks.circuit, self.probe = self.masks.circuit, ones, probe
+        try:
+            yield
+        finally:
+            self.masks.circuit, self.probe = saved, None
+
+    def probed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Inside :meth:`probing`: the full model's logits [B, S, V] computed through the readers
+        (every edge kept, so no ablation states are read: the slots hold the writers' outputs)."""
+        if self.probe is None:
+            raise RuntimeError("probed_forward: expected to be called inside `with model.probing(probe):`")
+        ids = self._check_ids("input_ids", input_ids)
+        mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
+        return self._run(ids, pos=self._positions(None, *ids.shape), mask=mask, corrupt=None, training=False).logits
+
     # -- the edge-pruned forward ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, corrupted_attention_mask: torch.Tensor | None = None,
@@ -456,7 +482,7 @@ class EdgePrunedModel(nn.Module):
         attn_masks = {w: self._sdpa_mask(mask, S, w) for w in {s.sliding_window for s in a.layers}}
         store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
         with self._gathered_root():
-            store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
+            self._write(store, embedding_writers(a, ids, pos, g.config.split_embeds))
         rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
         u_node = None
         if training and m.circuit is None and m.node_log_alpha is not None:
@@ -515,11 +541,15 @@ class EdgePrunedModel(nn.Module):
         two reader groups). Re-entrant for checkpointing: it starts from the given token."""
         store.resume(token, self._graph.groups[2 * layer].n_upstream)
         x, k_a = self._read(2 * layer, store, training, noise[0])  # [H + 2K, B, S, D]
-        store.write(self._attention(spec, x, rope, attn_mask, is_causal))
+        self._write(store, self._attention(spec, x, rope, attn_mask, is_causal))
         x_m, k_m = self._read(2 * layer + 1, store, training, noise[1])
         y = spec.mlp(spec.mlp_norm(x_m[0]))
-        store.write((y if spec.mlp_post_norm is None else rms_norm(y, spec.mlp_post_norm))[None])
+        self._write(store, (y if spec.mlp_post_norm is None else rms_norm(y, spec.mlp_post_norm))[None])
         return store.token, k_a, k_m
+
+    def _write(self, store: WriterStore, y: torch.Tensor) -> None:
+        """store.write(y), or what the probe puts in y's place (attribution's interpolated writers)."""
+        store.write(y if self.probe is None else self.probe.write(store.n_written, y))
 
     def _final(self, token, store: WriterStore, training, noise):
         """final_norm(resid_post's input) [B, S, D] and its kept edges."""
@@ -545,6 +575,8 @@ class EdgePrunedModel(nn.Module):
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
             x, z = edge_mix(la, delta, **kw)
+        if self.probe is not None:  # attribution: the gradient of x is read in backward
+            x = self.probe.read(gi, x)
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:

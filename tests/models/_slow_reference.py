@@ -103,11 +103,16 @@ def _llama_layout(model, blk):
     return (norm1, norm2, proj, o_w, at.o_proj.bias, at.scaling, softcap, window, *(post or (None, None)))
 
 
-def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None, kv_per_query_head=False):
+def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None, kv_per_query_head=False,
+                 edge_z=None, directions=None, replace=None):
     """logits and {writer: output}; kept: set of (writer, reader); ablated: {writer: tensor} or None (zero).
     attention_mask [B, S] (1 = token): padded keys are masked; positions stay arange(S) as in HF;
     a query that sees no key gets z = 0. kv_per_query_head: every query head has its own k/v
-    reader, projected with its KV group's weights."""
+    reader, projected with its KV group's weights.
+    Attribution (``edge_z`` given, ``kept`` ignored): every edge is kept and moved along a direction,
+    x_r = sum_w y_w + (edge_z[(w, r)] - 1) * directions[w], one scalar per edge (at 1: the
+    full model; d/dz = <dM/dx_r, directions[w]>). ``replace``: {writer: tensor} put in place
+    of that writer's output once computed (interpolated writers)."""
     arch, base, blocks, final_norm, rotary = parts(model)
     cfg = model.config
     B, S = ids.shape
@@ -132,11 +137,21 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
     else:
         y["embeds"] = base.embed_in(ids)
     parallel = arch == "neox" and cfg.use_parallel_residual
+    replace = replace or {}
+
+    def put(d):
+        for w in d:
+            if w in replace:
+                d[w] = replace[w]
+
+    put(y)
 
     def read(reader, n_upstream):
         x = torch.zeros(B, S, D, dtype=y[writers[0]].dtype)
         for w in writers[:n_upstream]:
-            if (w, reader) in kept:
+            if edge_z is not None:
+                x = x + y[w] + (edge_z[(w, reader)] - 1) * directions[w]
+            elif (w, reader) in kept:
                 x = x + y[w]
             elif ablated is not None:
                 x = x + ablated[w]
@@ -190,6 +205,7 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             rms = torch.sqrt((sum(outs) ** 2).mean(-1, keepdim=True) + eps)
             outs = [gain * o / rms for o in outs]
         heads = {f"a{layer}.h{h}": o for h, o in enumerate(outs)}
+        put(heads)
         if parallel:  # the MLP reads the same writers as the attention
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up)))
             y.update(heads)
@@ -198,6 +214,8 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up + H)))
         if mlp_post is not None:
             y[f"m{layer}"] = rms_normed(y[f"m{layer}"], *mlp_post)
+        if f"m{layer}" in replace:
+            y[f"m{layer}"] = replace[f"m{layer}"]
     logits = model.lm_head(final_norm(read("resid_post", len(writers))))
     cap = getattr(cfg, "final_logit_softcapping", None) if type(model).__name__ == "Gemma2ForCausalLM" else None
     return (logits if cap is None else cap * torch.tanh(logits / cap)), y
