@@ -47,26 +47,28 @@ Conventions (what differs from EAP-IG's files, and why):
   log-prob. EAP with kl is refused: KL(p_full || p) is minimal (0) at the full model, so its
   gradient there is exactly 0 and every score would be 0.
 
-How it runs (fast and lean): ``EdgePrunedModel.probed_forward`` (inside ``probing``) is the fused forward with
-every mask exactly 1 and no ablation states (the slots hold the writers' outputs); the
-probe here wraps each reader group's input x [R, B, S, D] in an identity autograd Function
-whose backward receives g = dM/dx and adds g [R, B*S*D] @ delta[:n].T [B*S*D, n] into that
-group's scores [R, n]; nothing else is kept. So one backward serves every edge, the reader
-gradients are never stored together (each is consumed as it appears), and the only extra
-memory over a plain training step is delta [W, B, S, D] (and, for the IG variants, the
-corrupted states of the interpolated writers). This plain matmul per group is used instead of
-differentiating the masks through the mix's backward: that backward's mask gradient is
-<g_r, slot_w>, and the slots of an interpolated run hold the interpolated outputs, not the
-captures' difference; the matmul serves all three methods with one code path and needs no
-corrupted states in the forward (measured in bench/attribution_bench.py). Per-layer
-checkpointing (``checkpoint_layers``) works unchanged (backward runs inside ``probing``): a
-recomputed read builds a tap whose backward never runs, and a recomputed write is replaced by
-the same constant.
-Processes: single-process only (no torchrun/FSDP path; the scores would need one
-all-reduce of [E] per run, not written yet).
+How it runs: the fused forward itself (``EdgePrunedModel.probing`` / ``probed_forward``), with
+every mask a fixed 1 that requires grad, so that the scores are the mask gradients the fused
+mix backward computes for every edge in one pass (ops/edge_mix.py: dL/dz[r, w] =
+<dL/dx_r, slot_w>). For that the slot buffer holds delta itself (``DeltaStore``: the
+[W, B, S, D] difference of the captures is the buffer, never written) and the readers add
+the running sum of y_w - delta_w over the outputs y written so far, in place of the
+corrupted prefix sum: each reader's input is sum_w y_w, the plain forward's (also where the
+IG variants replace writers by interpolations), and its mask gradient is <g_r, delta_w>
+whatever the run's own outputs. So one backward serves every edge, no reader gradient is
+kept, and the memory is no more than a training step's: delta takes the slots' place
+(plus the embeddings' corrupted states for eap-ig, or every writer's for the activations
+variant, and [2L + 1] prefix sums of [B, S, D]). An earlier version added a tap per reader
+group whose backward multiplied g [R, B*S*D] by delta[:n].T, beside the mix backward's own
+(unused) mask-gradient product: one more product per group and a second [W, B, S, D]
+tensor; bench/attribution_bench.py measures this version. Per-layer checkpointing
+(``checkpoint_layers``) works unchanged (backward runs inside ``probing``; a recomputed
+write finds its prefix sum and is replaced by the same constant). Processes: single-process
+only (no torchrun/FSDP path; the scores would need one all-reduce of [E] per run, not
+written yet).
 
 Output: scores [E] in graph order (``Graph.edges()``), float64 for float64 models, else
-float32 (products in the model's dtype, accumulated in float32).
+float32 (the mix backward's products accumulate in float32).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ import torch
 import torch.nn.functional as F
 
 from .tasks.base import TaskBatch
+from .writers import Slots, WriterStore, WriteSlots
 
 METHODS = ("eap", "eap-ig", "eap-ig-activations")
 METRICS = ("logit-diff", "log-prob", "kl")
@@ -137,34 +140,56 @@ def metric_sum(metric: str, task, logits: torch.Tensor, full_logits: torch.Tenso
 
 
 # -- the probe -------------------------------------------------------------------------------------
-class _Tap(torch.autograd.Function):
-    """Identity on a reader group's input; backward hands dM/dx to the probe."""
+class DeltaStore(WriterStore):
+    """A slot buffer that *is* delta [W, B, S, D] (clean - corrupted, never written), with
+    ``corrupted_sum(n)`` = sum_{w<n} (y_w - delta_w) over the outputs y written so far: each
+    reader's input, corrupted_sum + sum_w 1 * slot_w, is then sum_w y_w, the plain forward's,
+    while the mix backward's mask gradient is <dM/dx_r, delta_w>, the score. The prefix sums
+    are kept at every write boundary ([2L + 1] x [B, S, D], float32; float64 for float64
+    models), so a checkpointed layer's recomputation finds its own."""
 
-    @staticmethod
-    def forward(ctx, x, probe, gi):
-        ctx.probe, ctx.gi = probe, gi
-        return x.view_as(x)
+    def __init__(self, delta: torch.Tensor, track_grad: bool) -> None:  # no WriterStore.__init__: no new buffer
+        self.slots = Slots.__new__(Slots)
+        self.slots.data, self.slots.grad = delta, None
+        self.token = torch.empty(0, dtype=delta.dtype, device=delta.device, requires_grad=track_grad)
+        self.n_written, self.corrupt = 0, None
+        acc = torch.float64 if delta.dtype == torch.float64 else torch.float32
+        self._prefix = {0: torch.zeros(delta.shape[1:], dtype=acc, device=delta.device)}
 
-    @staticmethod
-    def backward(ctx, g):
-        ctx.probe.accumulate(ctx.gi, g)
-        return g, None, None
+    def corrupted_sum(self, n: int) -> torch.Tensor:
+        return self._prefix[n]
+
+    def write(self, y: torch.Tensor) -> None:
+        slot, k = self.n_written, y.shape[0]
+        if slot + k > self.buffer.shape[0] or y.shape[1:] != self.buffer.shape[1:]:
+            raise RuntimeError(f"DeltaStore: cannot write {tuple(y.shape)} at slot {slot} of {tuple(self.buffer.shape)}")
+        acc = self._prefix[0].dtype
+        rest = (y.detach().to(acc) - self.buffer[slot:slot + k].to(acc)).sum(0)
+        self._prefix[slot + k] = self._prefix[slot] + rest
+        self.token = WriteSlots.apply(self.token, y, self.slots, slot)
+        self.n_written = slot + k
+
+    def release_corrupted(self) -> None:  # the prefix sums are small; a recomputation needs them
+        pass
 
 
 class Probe:
-    """Scores [R_g, n_g] per reader group, from the reader gradients of probed forwards.
-
-    delta: [W, B, S, D] clean - corrupted writer states; ``replace``: {first slot: constant
-    [k, B, S, D]} written in place of the writer outputs at that slot (interpolations)."""
+    """What ``EdgePrunedModel.probing`` uses: ``circuit`` (every mask 1, requiring grad: the
+    scores accumulate in their ``.grad``), ``store`` (a DeltaStore over ``delta``) and
+    ``write`` (``replace``: {first slot: constant [k, B, S, D]} put in place of the writer
+    outputs at that slot: the interpolations)."""
 
     def __init__(self, graph, delta: torch.Tensor, dtype: torch.dtype) -> None:
         self.graph, self.delta = graph, delta
-        self.scores = [torch.zeros(len(g.readers), g.n_upstream, dtype=dtype, device=delta.device)
-                       for g in graph.groups]
+        self.circuit = [torch.ones(len(g.readers), g.n_upstream, dtype=dtype, device=delta.device,
+                                   requires_grad=True) for g in graph.groups]
         self.replace: dict[int, torch.Tensor] = {}
 
-    def read(self, gi: int, x: torch.Tensor) -> torch.Tensor:
-        return _Tap.apply(x, self, gi) if x.requires_grad else x
+    def store(self, n_writers, shape, dtype, device, track_grad, corrupt) -> DeltaStore:
+        if tuple(self.delta.shape) != (n_writers, *shape) or self.delta.dtype != dtype:
+            raise RuntimeError(f"attribution: delta is {tuple(self.delta.shape)} {self.delta.dtype}, the forward "
+                               f"needs {(n_writers, *shape)} {dtype}")
+        return DeltaStore(self.delta, track_grad)
 
     def write(self, slot: int, y: torch.Tensor) -> torch.Tensor:
         r = self.replace.get(slot)
@@ -175,15 +200,10 @@ class Probe:
                                f"{tuple(y.shape)}")
         return r
 
-    def accumulate(self, gi: int, g: torch.Tensor) -> None:
-        n = self.graph.groups[gi].n_upstream
-        R = g.shape[0]
-        d = self.delta[:n].reshape(n, -1)
-        prod = torch.mm(g.reshape(R, -1).to(d.dtype), d.T)
-        self.scores[gi] += prod.to(self.scores[gi].dtype)
-
-    def flat(self) -> torch.Tensor:
-        return torch.cat([s.flatten() for s in self.scores])
+    def scores(self) -> torch.Tensor:
+        """The summed mask gradients of every backward so far, [E] in graph order."""
+        return torch.cat([torch.zeros(z.numel(), dtype=z.dtype, device=z.device) if z.grad is None
+                          else z.grad.flatten() for z in self.circuit])
 
 
 # -- attribution -------------------------------------------------------------------------------------
@@ -236,10 +256,10 @@ def attribute(model, task, batches: Sequence[TaskBatch], *, method: str = "eap-i
     try:
         for batch in batches:
             batch = batch.to(a.device)
-            full_logits, clean = model.reference(batch.input_ids, batch.attention_mask)
+            # the full model's logits only where the metric reads them (kl)
+            full_logits, delta = model.reference(batch.input_ids, batch.attention_mask, logits=metric == "kl")
             _, corrupt = model.reference(batch.corrupted_input_ids, batch.attention_mask, logits=False)
-            delta = clean - corrupt
-            del clean
+            delta.sub_(corrupt)  # clean - corrupted, in place: the slot buffer of every run of this batch
             E = groups[0][1]
             if method == "eap":
                 corrupt, plans = None, [None]
@@ -258,11 +278,12 @@ def attribute(model, task, batches: Sequence[TaskBatch], *, method: str = "eap-i
                     value, n_units = metric_sum(metric, task, logits, full_logits, batch)
                     if value.requires_grad:
                         value.backward()
+                    del logits, value
                 probe.replace = {}
                 bar.update(1)
                 if on_step is not None:
                     on_step()
-            total += probe.flat().cpu().to(acc) / len(plans)
+            total += probe.scores().cpu().to(acc) / len(plans)
             units += n_units
             del probe, delta, corrupt
     finally:

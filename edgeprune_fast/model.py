@@ -141,7 +141,7 @@ class EdgePrunedModel(nn.Module):
         self.checkpoint_layers = bool(checkpoint_layers)
         self.corrupted_on_cpu = bool(corrupted_on_cpu)
         self.sharding = None  # sharding.ShardedWeights once shard_weights() is called; None: weights replicated
-        self.probe = None  # attribution.py's probe during probed_forward: sees every read, may replace writes
+        self.probe = None  # attribution.py's probe inside probing(): its masks, its store, its writes
         self.mean_writers: torch.Tensor | None = None
         if mean_writers is not None:
             self.set_mean_writers(mean_writers)
@@ -435,28 +435,27 @@ class EdgePrunedModel(nn.Module):
 
     @contextmanager
     def probing(self, probe) -> Iterator[None]:
-        """Inside: every mask exactly 1 and ``probe`` (attribution.py) shown each reader group's
-        input (``probe.read(group, x) -> x``, which may attach a backward hook) and each write
-        (``probe.write(slot, y) -> y or its replacement``) of :meth:`probed_forward`. Stay
-        inside through backward: checkpointed layers are recomputed there. On exit the learned
+        """Inside: the masks are ``probe.circuit`` (one [R, n] tensor per reader group, all 1 and
+        requiring grad: a fixed circuit whose mix backward gives d metric / dz), forwards use
+        ``probe.store(...)`` for their slots (called as the store class) and each write goes
+        through ``probe.write(slot, y) -> y or its replacement`` (attribution.py). Stay inside
+        through backward: checkpointed layers are recomputed there. On exit the learned
         masks, any fixed circuit and the ablation mode are as they were."""
-        dtype = torch.float64 if self.adapter.dtype == torch.float64 else torch.float32
-        ones = [torch.ones(len(g.readers), g.n_upstream, dtype=dtype, device=self.adapter.device)
-                for g in self._graph.groups]
-        saved, self.masks.circuit, self.probe = self.masks.circuit, ones, probe
+        saved, self.masks.circuit, self.probe = self.masks.circuit, probe.circuit, probe
         try:
             yield
         finally:
             self.masks.circuit, self.probe = saved, None
 
     def probed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Inside :meth:`probing`: the full model's logits [B, S, V] computed through the readers
-        (every edge kept, so no ablation states are read: the slots hold the writers' outputs)."""
+        """Inside :meth:`probing`: logits [B, S, V] of the forward with the probe's masks, store
+        and writes (no ablation states: the probe's store holds what the readers mix)."""
         if self.probe is None:
             raise RuntimeError("probed_forward: expected to be called inside `with model.probing(probe):`")
         ids = self._check_ids("input_ids", input_ids)
         mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
-        return self._run(ids, pos=self._positions(None, *ids.shape), mask=mask, corrupt=None, training=False).logits
+        return self._run(ids, pos=self._positions(None, *ids.shape), mask=mask, corrupt=None,
+                         training=False).logits
 
     # -- the edge-pruned forward ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor | None = None,
@@ -480,7 +479,8 @@ class EdgePrunedModel(nn.Module):
         a, g, m = self.adapter, self._graph, self.masks
         B, S = ids.shape
         attn_masks = {w: self._sdpa_mask(mask, S, w) for w in {s.sliding_window for s in a.layers}}
-        store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
+        make = self.store_cls if self.probe is None else self.probe.store
+        store = make(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
         with self._gathered_root():
             self._write(store, embedding_writers(a, ids, pos, g.config.split_embeds))
         rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
@@ -575,8 +575,6 @@ class EdgePrunedModel(nn.Module):
             if m.node_log_alpha is not None:
                 kw["log_alpha_node"] = m.node_log_alpha[:n]
             x, z = edge_mix(la, delta, **kw)
-        if self.probe is not None:  # attribution: the gradient of x is read in backward
-            x = self.probe.read(gi, x)
         return x, (z.detach() > 0).sum()
 
     def _attention(self, spec, x: torch.Tensor, rope, attn_mask, is_causal: bool) -> torch.Tensor:
