@@ -2,7 +2,8 @@
 per reader group) against EAP-IG's formulation op for op (bench/eap_ig_baseline.py), on
 random-weight models of GPT-2 small's shape and a small Llama shape (GQA), float32, CPU.
 
-Per model and method: the median wall time of a whole attribution of one batch (captures,
+Per model and method: the median wall time (reps interleaved between the two, so that a busy
+spell of the shared machine hits both) of a whole attribution of one batch (captures,
 every IG step's forward and backward, the scores) and its peak resident memory above the
 level before it (bench/common.py: VmHWM, fixed malloc thresholds); the largest difference
 between the two implementations' scores (EAP-IG's 1 / batch size undone), so that both
@@ -14,12 +15,13 @@ computed the same thing. Writes bench/results/attribution_cpu.json and .md.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from functools import partial
 
 import torch
 
-from bench.common import RESULTS, PeakMemory, machine, median_time, reexec_with_fixed_malloc, write_json
+from bench.common import RESULTS, PeakMemory, machine, reexec_with_fixed_malloc, write_json
 from bench.eap_ig_baseline import EapIgBaseline
 
 
@@ -55,7 +57,7 @@ def batch_for(vocab: int, B: int, S: int):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=24)
     ap.add_argument("--ig-steps", type=int, default=5)
@@ -82,16 +84,24 @@ def main() -> None:
             theirs = partial(base.scores, batch.input_ids, batch.corrupted_input_ids, batch.labels,
                              batch.extras["other"], method=method, steps=args.ig_steps)
 
-            result = {}
-            for impl, fn in (("ours", ours), ("eap-ig formulation", theirs)):
+            result, peaks, times = {}, {}, {"ours": [], "eap-ig formulation": []}
+            impls = (("ours", ours), ("eap-ig formulation", theirs))
+            for impl, fn in impls:
                 with PeakMemory() as mem:
-                    out = fn()
-                result[impl] = out
-                seconds = median_time(fn, warmup=0, reps=args.reps)
+                    result[impl] = fn()
+                peaks[impl] = mem.peak_bytes
+            for _ in range(args.reps):  # interleaved, so that a busy spell of the machine hits both
+                for impl, fn in impls:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[impl].append(time.perf_counter() - t0)
+            for impl, _ in impls:
+                seconds = statistics.median(times[impl])
                 rows.append({"model": name, "method": method, "impl": impl, "seconds": seconds,
-                             "peak_mib": mem.peak_bytes / 2**20, "batch": args.batch, "seq": args.seq,
-                             "ig_steps": args.ig_steps if method != "eap" else 1, "n_edges": graph.n_edges})
-                print(f"{name} {method} {impl}: {seconds:.2f} s, peak {mem.peak_bytes / 2**20:.0f} MiB", flush=True)
+                             "times": times[impl], "peak_mib": peaks[impl] / 2**20, "batch": args.batch,
+                             "seq": args.seq, "ig_steps": args.ig_steps if method != "eap" else 1,
+                             "n_edges": graph.n_edges})
+                print(f"{name} {method} {impl}: {seconds:.2f} s, peak {peaks[impl] / 2**20:.0f} MiB", flush=True)
             a, b = result["ours"], result["eap-ig formulation"].flatten()[pos] * args.batch
             rows[-1]["max_abs_diff_vs_ours"] = rows[-2]["max_abs_diff_vs_ours"] = float((a - b).abs().max())
             rows[-1]["max_abs_score"] = rows[-2]["max_abs_score"] = float(a.abs().max())

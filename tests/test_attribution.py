@@ -130,6 +130,16 @@ def test_checkpoint_layers_and_batches():
                                both, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig-activations"])
+def test_checkpoint_layers_every_method(method):
+    hf = tiny_model("gpt2", dtype=torch.float64)
+    batch = toy_batch()
+    plain = attribute(EdgePrunedModel.from_hf(hf), ToyTask(), [batch], method=method, ig_steps=2, progress=False)
+    ck = attribute(EdgePrunedModel.from_hf(hf, checkpoint_layers=True), ToyTask(), [batch], method=method,
+                   ig_steps=2, progress=False)
+    torch.testing.assert_close(ck, plain, atol=1e-12, rtol=0)
+
+
 def test_float32_close_to_float64_and_masks_untouched():
     hf = tiny_model("gpt2", dtype=torch.float64)
     m64 = EdgePrunedModel.from_hf(hf)
