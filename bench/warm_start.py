@@ -3,23 +3,23 @@
 One task, one model: a tiny random-weight GPT-2 (4 layers, 4 heads, d_model 64, weights
 drawn with std 0.2 so that its outputs depend on the input; the test
 suite's in-memory BPE tokenizer, no downloads) on the generated IOI task (64 training, 32
-validation examples), corrupted ablation, node masks, target edge sparsity 0.95, 300 steps,
-the trainer's defaults otherwise. Runs:
+validation examples), corrupted ablation, edge masks only (--node-masks: also node masks), a target edge sparsity (--target,
+default 0.95), 300 steps, the trainer's defaults otherwise. Runs:
 
     cold                 log_alpha ~ N(10, 0.01) (every edge kept), sparsity warm-up 5/6 of the run
     warm                 edge log_alphas from EAP-IG-inputs scores (5 steps, logit difference, the
-                         training split) by rank (warm_start.py: the target's top 5 % kept), same warm-up
-    cold / warm, no warm-up   the same with the sparsity target at 0.95 from the first step
+                         training split) by rank (warm_start.py: the target's top edges kept), same warm-up
+    cold / warm, no warm-up   the same with the sparsity target in force from the first step
                          (with a warm-up the Lagrangian first pulls a warm start back towards the
                          dense model, since its target starts at 0)
 
-Every 20 steps (and at step 0) the exact-sparsity circuit (the masks' top 5 % by effective
-score) is evaluated on the validation split: KL(full || circuit) and the logit-difference
+Every 20 steps (and at step 0) the exact-sparsity circuit (the masks' top edges by effective
+score, the target's count) is evaluated on the validation split: KL(full || circuit) and the logit-difference
 faithfulness. Random weights have no planted circuit, so this measures only how fast each
-start finds a low-KL circuit of the target size. Writes bench/results/warm_start_ioi_tiny.json
-and .png.
+start finds a low-KL circuit of the target size. Writes
+bench/results/warm_start_ioi_tiny{--suffix}.json and .png.
 
-    python -m bench.warm_start [--steps 300] [--threads 1]
+    python -m bench.warm_start [--target 0.95] [--suffix _s0.95] [--steps 300] [--threads 1]
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--target", type=float, default=TARGET)
+    ap.add_argument("--suffix", default="")
+    ap.add_argument("--node-masks", action="store_true", help="also learn node masks (prune's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    target = args.target
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from edgeprune_fast.attribution import attribute
@@ -59,13 +63,13 @@ def main() -> None:
     hf = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=4, n_embd=64, n_positions=64, vocab_size=len(tok),
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                     initializer_range=INIT_RANGE)).eval()
-    model = EdgePrunedModel.from_hf(hf)
+    model = EdgePrunedModel.from_hf(hf, node_masks=args.node_masks)
     t0 = time.time()
     scores = attribute(model, task, train, method="eap-ig", ig_steps=5, progress=False)
     attribution_seconds = time.time() - t0
 
     def evaluate(m) -> dict:
-        c = evaluate_circuit(m, Circuit.from_masks(m, TARGET), task, val)
+        c = evaluate_circuit(m, Circuit.from_masks(m, target), task, val)
         return {"kl": float(c.metrics["kl"]), "faithfulness": float(c.metrics["faithfulness"])}
 
     runs = {}
@@ -74,8 +78,8 @@ def main() -> None:
         torch.manual_seed(0)
         model.masks.reset(10.0, 0.01)
         if warm:
-            warm_start(model.masks, scores, TARGET)
-        config = TrainConfig(target_edge_sparsity=TARGET, steps=args.steps, sparsity_warmup=warmup,
+            warm_start(model.masks, scores, target)
+        config = TrainConfig(target_edge_sparsity=target, steps=args.steps, sparsity_warmup=warmup,
                              eval_every=args.eval_every, progress=False, seed=0)
         trainer = Trainer(model, task, train, config, evaluate=evaluate)
         model.eval()
@@ -91,17 +95,18 @@ def main() -> None:
         print(f"{name}: circuit KL at steps 0/{args.steps // 2}/{args.steps}: "
               f"{points[0]['kl']:.4f} / {points[len(points) // 2]['kl']:.4f} / {points[-1]['kl']:.4f}", flush=True)
     final = {k: v["final_kl"] for k, v in runs.items()}
-    payload = {"machine": machine(), "task": "ioi (generated, 64 train / 32 validation)", "model":
-               f"GPT-2 4 layers, 4 heads, d 64, random weights (std {INIT_RANGE}, seed 0)", "target_edge_sparsity": TARGET,
+    payload = {"machine": machine(), "task": "ioi (generated, 64 train / 32 validation)",
+               "model": f"GPT-2 4 layers, 4 heads, d 64, random weights (std {INIT_RANGE}, seed 0)",
+               "target_edge_sparsity": target, "node_masks": args.node_masks,
                "n_edges": model.graph.n_edges, "steps": args.steps, "attribution": "eap-ig, 5 steps, logit-diff",
                "attribution_seconds": attribution_seconds, "runs": runs, "final_kl": final,
                "lowest_final_kl": min(final, key=final.get)}
-    path = write_json("warm_start_ioi_tiny.json", payload)
-    plot(runs, RESULTS / "warm_start_ioi_tiny.png")
-    print(f"wrote {path} and {RESULTS / 'warm_start_ioi_tiny.png'}")
+    path = write_json(f"warm_start_ioi_tiny{args.suffix}.json", payload)
+    plot(runs, RESULTS / f"warm_start_ioi_tiny{args.suffix}.png", target)
+    print(f"wrote {path} and its .png")
 
 
-def plot(runs: dict, path) -> None:
+def plot(runs: dict, path, target: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +118,7 @@ def plot(runs: dict, path) -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("KL(full || circuit), validation")
     ax.set_yscale("log")
-    ax.set_title(f"warm (EAP-IG) vs cold start, exact {100 * (1 - TARGET):.0f} % circuit, tiny GPT-2 on IOI")
+    ax.set_title(f"warm (EAP-IG) vs cold start, exact {100 * (1 - target):.0f} % circuit, tiny GPT-2 on IOI")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
