@@ -61,7 +61,8 @@ kept, and the memory is no more than a training step's: delta takes the slots' p
 variant, and [2L + 1] prefix sums of [B, S, D]). An earlier version added a tap per reader
 group whose backward multiplied g [R, B*S*D] by delta[:n].T, beside the mix backward's own
 (unused) mask-gradient product: one more product per group and a second [W, B, S, D]
-tensor; bench/attribution_bench.py measures this version. Per-layer checkpointing
+tensor (its figures: bench/results/attribution_cpu_v1_tap.*; bench/attribution_bench.py
+measures this one, attribution_cpu.*). Per-layer checkpointing
 (``checkpoint_layers``) works unchanged (backward runs inside ``probing``; a recomputed
 write finds its prefix sum and is replaced by the same constant). Processes: single-process
 only (no torchrun/FSDP path; the scores would need one all-reduce of [E] per run, not
