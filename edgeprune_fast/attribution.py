@@ -64,9 +64,10 @@ group whose backward multiplied g [R, B*S*D] by delta[:n].T, beside the mix back
 tensor (its figures: bench/results/attribution_cpu_v1_tap.*; bench/attribution_bench.py
 measures this one, attribution_cpu.*). Per-layer checkpointing
 (``checkpoint_layers``) works unchanged (backward runs inside ``probing``; a recomputed
-write finds its prefix sum and is replaced by the same constant). Processes: single-process
-only (no torchrun/FSDP path; the scores would need one all-reduce of [E] per run, not
-written yet).
+write finds its prefix sum and is replaced by the same constant). Processes
+(``data_parallel``, torchrun): every process attributes its rows of each batch (with the
+weights replicated or FSDP2-sharded, as pruning) and the score and unit sums are
+all-reduced once at the end.
 
 Output: scores [E] in graph order (``Graph.edges()``), float64 for float64 models, else
 float32 (the mix backward's products accumulate in float32).
@@ -230,11 +231,13 @@ def runs_per_batch(method: str, graph, ig_steps: int) -> int:
 
 
 def attribute(model, task, batches: Sequence[TaskBatch], *, method: str = "eap-ig", metric: str | None = None,
-              ig_steps: int = 5, progress: bool = True,
-              on_step: Callable[[], None] | None = None) -> torch.Tensor:
+              ig_steps: int = 5, progress: bool = True, on_step: Callable[[], None] | None = None,
+              data_parallel=None) -> torch.Tensor:
     """Scores [E] of every edge of ``model.graph`` (an EdgePrunedModel), graph order; see the
     module docstring. ``task``: for the metric (its contrast key); ``batches``: its batches
-    with corrupted inputs; ``metric``: None for ``default_metric(task)``."""
+    with corrupted inputs; ``metric``: None for ``default_metric(task)``. ``data_parallel``:
+    a distributed.DataParallel: each process attributes its rows of every batch and the
+    sums are all-reduced (the same scores on every process, those of one process)."""
     metric = default_metric(task) if metric is None else metric
     check_method_metric(method, metric, task)
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
@@ -242,9 +245,14 @@ def attribute(model, task, batches: Sequence[TaskBatch], *, method: str = "eap-i
     batches = list(batches)
     if not batches:
         raise ValueError("batches: expected at least one batch, got none")
+    dp = data_parallel
     for i, b in enumerate(batches):
         if b.corrupted_input_ids is None:
             raise ValueError(f"batches: batch {i} has no corrupted inputs; attribution patches from the corrupted run")
+        if dp is not None and len(b) < dp.world_size:
+            raise ValueError(f"batch_size: every batch is split over the {dp.world_size} processes; expected at least "
+                             f"one row per process, got a batch of {len(b)} (batch {i}); choose a batch size whose "
+                             f"last batch has at least {dp.world_size} rows")
     from tqdm.auto import tqdm
 
     graph, a = model.graph, model.adapter
@@ -256,7 +264,7 @@ def attribute(model, task, batches: Sequence[TaskBatch], *, method: str = "eap-i
     bar = tqdm(total=steps * len(batches), desc=f"attribute ({method})", disable=not progress, unit="pass")
     try:
         for batch in batches:
-            batch = batch.to(a.device)
+            batch = (batch if dp is None else dp.shard(batch)).to(a.device)
             # the full model's logits only where the metric reads them (kl)
             full_logits, delta = model.reference(batch.input_ids, batch.attention_mask, logits=metric == "kl")
             _, corrupt = model.reference(batch.corrupted_input_ids, batch.attention_mask, logits=False)
@@ -289,4 +297,10 @@ def attribute(model, task, batches: Sequence[TaskBatch], *, method: str = "eap-i
             del probe, delta, corrupt
     finally:
         bar.close()
+    if dp is not None:  # sums over every process's rows: one all_reduce
+        import torch.distributed as dist
+
+        both = torch.cat([total.double(), torch.tensor([float(units)], dtype=torch.float64)]).to(dp.device)
+        dist.all_reduce(both)
+        total, units = both[:-1].cpu().to(acc), int(round(float(both[-1])))
     return total / max(units, 1)

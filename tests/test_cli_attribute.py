@@ -126,3 +126,41 @@ def test_logit_diff_refused_without_contrast(files, tmp_path, capsys):
                         "--out", out], capsys)
     assert code == 0, err
     assert json.loads(out.read_text())["attribution"]["metric"] == "log-prob"
+
+
+@pytest.mark.parametrize("options", [[], ["--shard-weights", "--checkpoint-layers"]], ids=["replicated", "sharded"])
+def test_two_processes_give_one_process_scores(files, tmp_path, options):
+    """Under torchrun (2 CPU processes, gloo) each process attributes its rows of every batch,
+    with the weights replicated or FSDP2-sharded; rank 0 writes one process's scores."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["attribute", "--model", str(files["model"]), "--data", str(IOI), "--method", "eap-ig", "--ig-steps",
+              "2", "--batch-size", "5", "--quiet"]  # the 5 training rows: 3 and 2 per process
+    single = tmp_path / "single.json"
+    assert cli.main([*common, "--out", str(single)]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    out = tmp_path / "two.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "edgeprune_fast.cli", *common, *options, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"wrote {out}") == 1 and "2 processes" in proc.stdout
+    a, b = (json.loads(p.read_text()) for p in (single, out))
+    assert a["edges"].keys() == b["edges"].keys() and b["attribution"]["processes"] == 2
+    for k, v in a["edges"].items():
+        assert b["edges"][k]["score"] == pytest.approx(v["score"], abs=1e-6)
+
+
+def test_short_last_batch_under_torchrun_is_refused(files, tmp_path, capsys, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "s.json"
+    code, _, err = run(["attribute", "--model", files["model"], "--data", IOI, "--batch-size", "2", "--quiet",
+                        "--out", out], capsys)
+    assert code == 2 and "--batch-size: every batch is split over the 2 processes" in err and not out.exists()

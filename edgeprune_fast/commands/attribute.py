@@ -4,7 +4,8 @@ and v inputs per query head (MIB's graph; a grouped-query model is attributed on
 directly, so every file edge has its own exact score). ``--top-n N`` marks the N edges with
 the largest |score| (``--signed``: the largest scores) in_graph, as EAP-IG's ``apply_topn``;
 otherwise every edge is in_graph false: a scores file, which ``edgeprune eval --top-n``,
-``edgeprune mib evaluate`` and ``edgeprune prune --init-from`` read.
+``edgeprune mib evaluate`` and ``edgeprune prune --init-from`` read. Under torchrun the
+processes share every batch (and with ``--shard-weights`` the weights, FSDP2), as prune.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def add_arguments(p: ArgumentParser) -> None:
                    help="mark the N edges with the largest |score| in_graph (default: none, a scores-only file)")
     p.add_argument("--signed", action="store_true", help="--top-n takes the largest scores, not the largest |score|")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="under torchrun: shard the frozen weights over the processes (FSDP2), 1/N each")
     p.add_argument("--out", type=Path, required=True, help="the scores file to write (JSON)")
 
 
@@ -64,9 +67,15 @@ def _check(args: Namespace) -> None:
 
 
 def run(args: Namespace) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every process attributes its rows of each batch (weights
+    replicated, or FSDP2-sharded with --shard-weights); rank 0 prints and writes --out."""
     _check(args)
     from ..attribution import attribute, check_method_metric, default_metric
+    from ..torchrun import torchrun_world
+    from .prune import check_processes, join_processes
 
+    rank, world = torchrun_world()
+    check_processes(args, world)
     tokenizer = load_tokenizer(args.model)
     task = load_task(args, tokenizer)
     metric = args.metric or default_metric(task)
@@ -75,22 +84,36 @@ def run(args: Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--{str(exc)}") from None
     batches = task.batches(args.batch_size, args.split)
-    model = load_model(args, kv_per_query_head=True)  # EAP-IG's graph: k/v inputs per query head
-    n = model.graph.n_edges
-    if args.top_n is not None and args.top_n > n:
-        raise UsageError(f"--top-n: expected at most the graph's {n} edges, got {args.top_n}")
-    scores = attribute(model, task, batches, method=args.method, metric=metric, ig_steps=args.ig_steps,
-                       progress=not args.quiet)
-    d = scores_file(model.graph, scores, d_model=model.adapter.d_model, top_n=args.top_n, signed=args.signed)
+    if world > 1 and len(batches[-1]) < world:
+        raise UsageError(f"--batch-size: every batch is split over the {world} processes; the last of "
+                         f"{sum(len(b) for b in batches)} examples in batches of {args.batch_size} has "
+                         f"{len(batches[-1])} rows, expected at least {world}")
+    dp = join_processes(args) if world > 1 else None
+    try:
+        model = load_model(args, None if dp is None else dp.device, kv_per_query_head=True)  # EAP-IG's graph
+        n = model.graph.n_edges
+        if args.top_n is not None and args.top_n > n:
+            raise UsageError(f"--top-n: expected at most the graph's {n} edges, got {args.top_n}")
+        if args.shard_weights:
+            dp.shard_weights(model)
+        scores = attribute(model, task, batches, method=args.method, metric=metric, ig_steps=args.ig_steps,
+                           progress=not args.quiet and rank == 0, data_parallel=dp)
+        if rank > 0:
+            return 0
+        d = scores_file(model.graph, scores, d_model=model.adapter.d_model, top_n=args.top_n, signed=args.signed)
+    finally:
+        if dp is not None:
+            dp.close()
     d["attribution"] = {"method": args.method, "metric": metric, "ig_steps": args.ig_steps,
-                        "examples": sum(len(b) for b in batches), "split": args.split,
+                        "examples": sum(len(b) for b in batches), "split": args.split, "processes": world,
                         "task": str(args.data or args.task), "sign": "d metric / d z (positive: the edge helps)"}
     with staged_file(args.out) as tmp:
         tmp.write_text(json.dumps(d))
     s = scores.abs()
     print(f"{args.method} ({metric}, {args.ig_steps if args.method != 'eap' else 1} steps) over "
           f"{d['attribution']['examples']} examples: {n} edges scored (|score| max {float(s.max()):.4g}, "
-          f"mean {float(s.mean()):.4g})" + (f"; top {args.top_n} marked in_graph" if args.top_n is not None else ""))
+          f"mean {float(s.mean()):.4g})" + (f"; top {args.top_n} marked in_graph" if args.top_n is not None else "")
+          + (f"; {world} processes" if world > 1 else ""))
     print(f"wrote {args.out}")
     return 0
 
