@@ -102,6 +102,7 @@ def test_gqa_model_is_scored_on_eap_igs_graph(tmp_path, capsys):
     (["--signed"], "--signed: orders the edges --top-n marks"),
     (["--top-n", "100000"], "--top-n: expected at most the graph's"),
     (["--ig-steps", "0"], "--ig-steps: expected an integer >= 1"),
+    (["--corrupted-on-cpu"], "--corrupted-on-cpu: attribution's forward reads no corrupted states"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys, extra, message):
     out = tmp_path / "bad.json"

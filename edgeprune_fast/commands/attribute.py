@@ -60,6 +60,9 @@ def _check(args: Namespace) -> None:
     if args.split_embeds:
         raise UsageError("--split-embeds: EAP-IG's graph has one input node, and the position embedding does not "
                          "differ between clean and corrupted inputs (its scores are 0); expected no --split-embeds")
+    if args.corrupted_on_cpu:
+        raise UsageError("--corrupted-on-cpu: attribution's forward reads no corrupted states (its slot buffer holds "
+                         "clean - corrupted, computed before it); expected no --corrupted-on-cpu")
     if args.signed and args.top_n is None:
         raise UsageError("--signed: orders the edges --top-n marks; expected it with --top-n N, got no --top-n")
     if args.out.is_dir():
