@@ -180,3 +180,15 @@ def test_eap_resid_post_scores_are_a_directional_derivative():
         m = [ref_metric("logit-diff", hf.lm_head(hf.transformer.ln_f(x + u * d)), None, batch) for u in (-t, t)]
     assert abs(total) > 1e-3
     assert abs(float(m[1] - m[0]) / (2 * t) - total) < 1e-6 * max(1.0, abs(total))
+
+
+def test_bfloat16_close_to_float32():
+    """bf16 weights and states (delta in bf16, the mix backward accumulating in float32)."""
+    batch = toy_batch()
+    s32 = attribute(EdgePrunedModel.from_hf(tiny_model("llama")), ToyTask(), [batch], method="eap-ig", ig_steps=2,
+                    progress=False)
+    s16 = attribute(EdgePrunedModel.from_hf(tiny_model("llama", dtype=torch.bfloat16)), ToyTask(), [batch],
+                    method="eap-ig", ig_steps=2, progress=False)
+    assert s16.dtype == torch.float32 and bool(torch.isfinite(s16).all())
+    cos = float(torch.nn.functional.cosine_similarity(s16, s32, dim=0))
+    assert cos > 0.99, cos
