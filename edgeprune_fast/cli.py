@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = _launched_rank()
     quiet = bool(rank)
     try:
-        if args.command != "prune" and torchrun_world()[1] > 1:
-            raise UsageError(f"expected one process (only `edgeprune prune` runs under torchrun), got "
+        if args.command not in ("prune", "attribute") and torchrun_world()[1] > 1:
+            raise UsageError(f"expected one process (only `edgeprune prune` and `edgeprune attribute` run under "
+                             f"torchrun), got "
                              f"WORLD_SIZE={os.environ['WORLD_SIZE']}")
         return int(command.run(args) or 0)
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError) as exc:

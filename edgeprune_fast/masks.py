@@ -85,7 +85,7 @@ class EdgeMasks(nn.Module):
 
     def circuit_sparsity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(edge sparsity, node sparsity 0) of the fixed circuit."""
-        kept = sum(float(z.sum()) for z in self.circuit)
+        kept = sum(float(z.detach().sum()) for z in self.circuit)
         t = torch.tensor(1 - kept / self.graph.n_edges, device=self.circuit[0].device)
         return t, torch.zeros_like(t)
 

@@ -58,8 +58,8 @@ token that threads the layer), with or without checkpointing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +148,7 @@ class EdgePrunedModel(nn.Module):
         self.checkpoint_layers = bool(checkpoint_layers)
         self.corrupted_on_cpu = bool(corrupted_on_cpu)
         self.sharding = None  # sharding.ShardedWeights once shard_weights() is called; None: weights replicated
+        self.probe = None  # attribution.py's probe inside probing(): its masks, its store, its writes
         self.mean_writers: torch.Tensor | None = None
         if mean_writers is not None:
             self.set_mean_writers(mean_writers)
@@ -449,6 +450,33 @@ class EdgePrunedModel(nn.Module):
         states = states.to("cpu", a.dtype)
         return states.pin_memory() if a.device.type == "cuda" and not states.is_pinned() else states
 
+    @contextmanager
+    def probing(self, probe) -> Iterator[None]:
+        """Inside: the masks are ``probe.circuit`` (one [R, n] tensor per reader group, all 1 and
+        requiring grad: a fixed circuit whose mix backward gives d metric / dz), forwards use
+        ``probe.store(...)`` for their slots (called as the store class) and each write goes
+        through ``probe.write(slot, y) -> y or its replacement`` (attribution.py). Stay inside
+        through backward: checkpointed layers are recomputed there. On exit the learned
+        masks, any fixed circuit and the ablation mode are as they were."""
+        if self._normed:  # the probe's store feeds the readers' sums; reader mode norms the heads apart
+            raise NotImplementedError("probing (attribution): expected post_norm='writer', got 'reader'; "
+                                      "attribute with the default post-norm mode")
+        saved, self.masks.circuit, self.probe = self.masks.circuit, probe.circuit, probe
+        try:
+            yield
+        finally:
+            self.masks.circuit, self.probe = saved, None
+
+    def probed_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Inside :meth:`probing`: logits [B, S, V] of the forward with the probe's masks, store
+        and writes (no ablation states: the probe's store holds what the readers mix)."""
+        if self.probe is None:
+            raise RuntimeError("probed_forward: expected to be called inside `with model.probing(probe):`")
+        ids = self._check_ids("input_ids", input_ids)
+        mask = self._check_attention_mask("attention_mask", attention_mask, ids.shape)
+        return self._run(ids, pos=self._positions(None, *ids.shape), mask=mask, corrupt=None,
+                         training=False).logits
+
     # -- the edge-pruned forward ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *, corrupted_attention_mask: torch.Tensor | None = None,
@@ -471,11 +499,12 @@ class EdgePrunedModel(nn.Module):
         a, g, m = self.adapter, self._graph, self.masks
         B, S = ids.shape
         attn_masks = {w: self._sdpa_mask(mask, S, w) for w in {s.sliding_window for s in a.layers}}
-        store = self.store_cls(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
+        make = self.store_cls if self.probe is None else self.probe.store
+        store = make(g.n_writers, (B, S, a.d_model), a.dtype, a.device, torch.is_grad_enabled(), corrupt)
         if self._normed:
             store.exclude_from_sum(s for nl in self._normed for s in range(nl.first, nl.stop))
         with self._gathered_root():
-            store.write(embedding_writers(a, ids, pos, g.config.split_embeds))
+            self._write(store, embedding_writers(a, ids, pos, g.config.split_embeds))
         rope = None if a.rotary is None else a.rotary(torch.empty(0, dtype=a.dtype, device=a.device), pos)
         u_node = None
         if training and m.circuit is None and m.node_log_alpha is not None:
@@ -534,11 +563,15 @@ class EdgePrunedModel(nn.Module):
         two reader groups). Re-entrant for checkpointing: it starts from the given token."""
         store.resume(token, self._graph.groups[2 * layer].n_upstream)
         x, k_a = self._read(2 * layer, store, training, noise[0])  # [H + 2K, B, S, D]
-        store.write(self._attention(spec, x, rope, attn_mask, is_causal))
+        self._write(store, self._attention(spec, x, rope, attn_mask, is_causal))
         x_m, k_m = self._read(2 * layer + 1, store, training, noise[1])
         y = spec.mlp(spec.mlp_norm(x_m[0]))
-        store.write((y if spec.mlp_post_norm is None else rms_norm(y, spec.mlp_post_norm))[None])
+        self._write(store, (y if spec.mlp_post_norm is None else rms_norm(y, spec.mlp_post_norm))[None])
         return store.token, k_a, k_m
+
+    def _write(self, store: WriterStore, y: torch.Tensor) -> None:
+        """store.write(y), or what the probe puts in y's place (attribution's interpolated writers)."""
+        store.write(y if self.probe is None else self.probe.write(store.n_written, y))
 
     def _final(self, token, store: WriterStore, training, noise):
         """final_norm(resid_post's input) [B, S, D] and its kept edges."""

@@ -152,13 +152,13 @@ def test_other_ranks_stay_quiet_on_usage_errors(files, tmp_path, capsys, launche
     assert code == 2 and stdout == "" and err == ""  # rank 0 reports the same error
 
 
-def test_only_prune_runs_under_torchrun(files, single, capsys, launched):
+def test_only_prune_and_attribute_run_under_torchrun(files, single, capsys, launched):
     launched(0, 2)
     code, _, err = run(["eval", str(single[()] / "circuit.json"), "--model", str(files["model"]), "--data",
                         str(files["data"])], capsys)
     assert code == 2
-    assert "edgeprune eval: error: expected one process (only `edgeprune prune` runs under torchrun), got " \
-           "WORLD_SIZE=2" in err
+    assert "edgeprune eval: error: expected one process (only `edgeprune prune` and `edgeprune attribute` run " \
+           "under torchrun), got WORLD_SIZE=2" in err
 
 
 def test_short_last_batch_kept_unless_smaller_than_the_processes(capsys):

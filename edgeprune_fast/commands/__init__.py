@@ -9,6 +9,7 @@ common.py.
     prune     train masks on a task and write the circuit (and checkpoints to resume from)
     circuit   a finished run's circuits at other sparsities, from its masks (no training)
     eval      a circuit file (ours or EAP-IG/MIB) on a task: KL, metric, faithfulness
+    attribute EAP / EAP-IG scores of every edge, as an EAP-IG scores file (prune --init-from reads it)
     draw      a circuit file as a picture
     info      versions, GPU, compiled extension, backend per op
     demo      prune the shipped tracr `reverse` model and compare with its known circuit
@@ -18,4 +19,4 @@ common.py.
 
 from __future__ import annotations
 
-COMMANDS = ("prune", "circuit", "evaluate", "draw", "info", "demo", "plan", "mib")
+COMMANDS = ("prune", "circuit", "evaluate", "attribute", "draw", "info", "demo", "plan", "mib")

@@ -47,7 +47,7 @@ from .common import (
 NAME = "prune"
 HELP = "prune a model on a task and write the circuit"
 # settings that are files: stored as text in run.json, Paths again on resume
-_PATHS = ("model", "data", "out")
+_PATHS = ("model", "data", "out", "init_from")
 
 
 def add_arguments(pr: ArgumentParser) -> None:
@@ -62,6 +62,9 @@ def add_arguments(pr: ArgumentParser) -> None:
     pr.add_argument("--steps", type=positive_int, default=3000)
     pr.add_argument("--lr", type=float, default=0.8, help="learning rate of masks and lambdas (default 0.8)")
     pr.add_argument("--init", type=float, default=10.0, help="initial log_alpha (default 10)")
+    pr.add_argument("--init-from", type=Path, default=None, metavar="SCORES",
+                    help="start the edge masks from an EAP-IG scores file (edgeprune attribute): by rank, the "
+                         "target's top edges by |score| kept, the others below the threshold (warm_start.py)")
     pr.add_argument("--sparsity-warmup", type=int, default=None, help="default: 5/6 of --steps")
     pr.add_argument("--lr-warmup", type=int, default=None, help="default: 1/15 of --steps")
     pr.add_argument("--discretise", choices=["exact", "masks"], default="exact",
@@ -244,6 +247,14 @@ def _prune(args: Namespace, targets: list[float], task, train_batches, eval_batc
         # each process takes the means over all the training batches, before any sharding: the
         # same values on every rank with no communication, and the same as one process's
         model.use_mean_ablation(mean_batches)
+    init_scores = None
+    if getattr(args, "init_from", None) is not None:  # before anything is written: a bad file leaves nothing
+        from ..warm_start import read_scores
+
+        try:
+            init_scores = read_scores(args.init_from, model.graph)
+        except ValueError as exc:
+            raise UsageError(f"--{str(exc).replace('_', '-', 1)}") from None
     if args.shard_weights:
         dp.shard_weights(model)  # collective; after the model is on its device, in its dtype
     def stop_now() -> bool:  # the processes agree, so that none is left waiting for the others
@@ -266,7 +277,7 @@ def _prune(args: Namespace, targets: list[float], task, train_batches, eval_batc
                 rows.append(row)
                 continue
             rows.append(_one_target(args, target, task, model, train_batches, eval_batches, dp, folder, stop,
-                                    is_main, out, err))
+                                    is_main, out, err, init_scores))
             if is_main:
                 folder.mark_done(target, rows[-1])
             if i + 1 < len(targets) and stop_now():
@@ -304,9 +315,11 @@ def _source(args: Namespace) -> str:
     return str(args.data) if args.data is not None else args.task
 
 
-def _one_target(args, target, task, model, train_batches, eval_batches, dp, folder, stop, is_main, out, err) -> dict:
+def _one_target(args, target, task, model, train_batches, eval_batches, dp, folder, stop, is_main, out, err,
+                init_scores=None) -> dict:
     """Train (or continue training) one target, then write its masks, discretise, evaluate
-    and write its files into the staged outputs; the summary row."""
+    and write its files into the staged outputs; the summary row. ``init_scores`` [E]: the
+    edge masks start from them (warm_start.py) instead of ``--init``."""
     import torch
 
     from ..circuit import Circuit, evaluate_circuit
@@ -317,6 +330,12 @@ def _one_target(args, target, task, model, train_batches, eval_batches, dp, fold
     torch.manual_seed(args.seed)
     model.clear_circuit()
     model.masks.reset(args.init, 0.01)  # every target starts from the same masks
+    if init_scores is not None:
+        from ..warm_start import warm_start
+
+        n_keep = warm_start(model.masks, init_scores, target)
+        print(f"target {target}: edge masks start from {args.init_from} (its top {n_keep} edges by |score| kept)",
+              file=err)
     config = TrainConfig(target_edge_sparsity=target, target_node_sparsity=args.node_sparsity, steps=args.steps,
                          sparsity_warmup=args.sparsity_warmup, lr_warmup=args.lr_warmup, lr_edge=args.lr,
                          lr_node=args.lr, lr_lambda=args.lr, seed=args.seed, checkpoint_every=checkpoint_every(args),

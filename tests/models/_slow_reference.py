@@ -104,7 +104,7 @@ def _llama_layout(model, blk):
 
 
 def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_mask=None, kv_per_query_head=False,
-                 post_norm="writer"):
+                 post_norm="writer", edge_z=None, directions=None, replace=None):
     """logits and {writer: output}; kept: set of (writer, reader), or {(writer, reader): mask value
     z} (soft masks, z * clean + (1 - z) * ablated; absent: 0); ablated: {writer: tensor} or None (zero).
     attention_mask [B, S] (1 = token): padded keys are masked; positions stay arange(S) as in HF;
@@ -113,7 +113,11 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
     post-attention norm): head h's output is the pre-norm z_h W_O[h] and every reader gets,
     for each upstream post-normed layer, RMSNorm(b_O + sum_h of that layer's heads, each its
     clean output if the edge is kept, else its ablated one (0 under zero ablation)), MIB /
-    EAP-IG's evaluate_graph on TransformerLens."""
+    EAP-IG's evaluate_graph on TransformerLens.
+    Attribution (``edge_z`` given, ``kept`` ignored): every edge is kept and moved along a direction,
+    x_r = sum_w y_w + (edge_z[(w, r)] - 1) * directions[w], one scalar per edge (at 1: the
+    full model; d/dz = <dM/dx_r, directions[w]>). ``replace``: {writer: tensor} put in place
+    of that writer's output once computed (interpolated writers)."""
     arch, base, blocks, final_norm, rotary = parts(model)
     cfg = model.config
     B, S = ids.shape
@@ -138,6 +142,14 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
     else:
         y["embeds"] = base.embed_in(ids)
     parallel = arch == "neox" and cfg.use_parallel_residual
+    replace = replace or {}
+
+    def put(d):
+        for w in d:
+            if w in replace:
+                d[w] = replace[w]
+
+    put(y)
 
     normed = {}  # reader mode: {head writer: layer}, {layer: (gain, eps, b_O)}
     post_of = {}
@@ -146,7 +158,9 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
         x = torch.zeros(B, S, D, dtype=y[writers[0]].dtype)
         mixes = {}
         for w in writers[:n_upstream]:
-            if isinstance(kept, dict):  # soft masks: z * clean + (1 - z) * ablated
+            if edge_z is not None:
+                value = y[w] + (edge_z[(w, reader)] - 1) * directions[w]
+            elif isinstance(kept, dict):  # soft masks: z * clean + (1 - z) * ablated
                 zw = kept.get((w, reader), 0.0)
                 value = zw * y[w] + (0.0 if ablated is None else (1 - zw) * ablated[w])
             else:
@@ -216,6 +230,7 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             rms = torch.sqrt((sum(outs) ** 2).mean(-1, keepdim=True) + eps)
             outs = [gain * o / rms for o in outs]
         heads = {f"a{layer}.h{h}": o for h, o in enumerate(outs)}
+        put(heads)
         if parallel:  # the MLP reads the same writers as the attention
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up)))
             y.update(heads)
@@ -224,6 +239,8 @@ def slow_forward(model, ids, kept, ablated=None, split_embeds=False, attention_m
             y[f"m{layer}"] = blk.mlp(norm2(read(f"m{layer}", n_up + H)))
         if mlp_post is not None:
             y[f"m{layer}"] = rms_normed(y[f"m{layer}"], *mlp_post)
+        if f"m{layer}" in replace:
+            y[f"m{layer}"] = replace[f"m{layer}"]
     logits = model.lm_head(final_norm(read("resid_post", len(writers))))
     cap = getattr(cfg, "final_logit_softcapping", None) if type(model).__name__ == "Gemma2ForCausalLM" else None
     return (logits if cap is None else cap * torch.tanh(logits / cap)), y
