@@ -4,7 +4,8 @@ ground-truth circuits.
 
 Files of one model ``<name>`` in a folder: ``<name>.config.json`` and ``<name>.safetensors``
 (required), ``<name>.examples.json`` and ``<name>.ground_truth.json`` (optional); the
-format is described in models/tracr.py and in the export's README (``data/tracr/``).
+format is described in models/tracr.py and in the shared export's README;
+``data/tracr/`` ships the suite (``find_tracr_export``: what ``--model`` accepts).
 The ground-truth file names the split token writer ``token_embeds`` (Edge-Pruning's
 name); it is read as ``tok_embeds``.
 """

@@ -229,6 +229,10 @@ def test_cli_prune_and_eval_a_tracr_export(tmp_path, capsys):
     evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
     assert evaluated["ground_truth"] == circuit["metrics"]["ground_truth"]
     assert evaluated["metric_circuit"] == circuit["metrics"]["metric_circuit"]
+    code, stdout, err = _run(["circuit", str(out), "--sparsity", "0.5", "--picture", "none", "--out",
+                              str(tmp_path / "more")], capsys)  # re-cut from the masks, evaluated on the examples
+    assert code == 0, err
+    assert "edges: 4 of 8" in stdout and "accuracy: circuit" in stdout
 
 
 def test_cli_eval_the_ground_truth_circuit(tmp_path, capsys):
