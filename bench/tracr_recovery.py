@@ -9,7 +9,7 @@ seed, steps, learning rates, init: nothing per program) and records the recovere
 or not), the ROC AUC of the mask ranking against the ground truth, the accuracy of the
 recovered circuit on the program's examples, the steps and the wall-clock seconds.
 
-    python bench/tracr_recovery.py            # -> bench/results/tracr_recovery.json and .md
+    python bench/tracr_recovery.py --notes bench/tracr_recovery_notes.md   # -> bench/results/tracr_recovery.json, .md
 
 (with the package installed, ``make setup``; from a bare checkout prefix ``PYTHONPATH=.``).
 Torch runs on one thread (tracr models are tiny). CI runs a shorter variant on reverse
@@ -69,16 +69,28 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=TRACR_DEFAULTS.seed)
     ap.add_argument("--progress", action="store_true", help="show the progress bars")
     ap.add_argument("--out", default="tracr_recovery", help="file stem under bench/results/")
+    ap.add_argument("--trace-every", type=int, default=500,
+                    help="record the ground-truth edges' log_alphas every N steps (0: never)")
     ap.add_argument("--notes", default=None, help="a markdown file appended to the .md (the analysis of failures)")
+    ap.add_argument("--remake-md", action="store_true", help="only rewrite the .md from the .json (and --notes)")
     args = ap.parse_args()
+    if args.remake_md:
+        payload = json.loads((RESULTS / f"{args.out}.json").read_text())
+        if args.notes:
+            payload["notes_md"] = open(args.notes).read()
+            write_json(f"{args.out}.json", payload)
+        (RESULTS / f"{args.out}.md").write_text(markdown(payload))
+        return
     torch.set_num_threads(1)
     runs = []
     for name in args.programs:
         load_ground_truth(TRACR_DATA_DIR, name)  # fail early on a program without a ground truth
         for split in (False, True):
             r = prune_tracr(TRACR_DATA_DIR / name, split_embeds=split, settings=replace(TRACR_DEFAULTS, seed=args.seed),
-                            steps=args.steps, progress=args.progress)
+                            steps=args.steps, progress=args.progress, trace_every=args.trace_every)
             s = {"program": name, **r.summary()}
+            s["gt_log_alpha_trace"] = [{"step": h["step"], **h["eval"]["gt_log_alpha"]} for h in r.history
+                                       if "gt_log_alpha" in h.get("eval", {})]
             s.pop("settings")
             runs.append(s)
             print(f"{name} split_embeds={split}: {s['n_recovered']} / {len(s['ground_truth'])} edges, "

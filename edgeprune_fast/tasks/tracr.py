@@ -287,7 +287,8 @@ class TracrPruneResult:
 
 def prune_tracr(path: str | Path | None = None, *, name: str | None = None, split_embeds: bool = False,
                 settings: TracrPruneSettings = TRACR_DEFAULTS, steps: int | None = None,
-                out_dir: str | Path | None = None, progress: bool = True, threads: int | None = 1) -> TracrPruneResult:
+                out_dir: str | Path | None = None, progress: bool = True, threads: int | None = 1,
+                trace_every: int = 0) -> TracrPruneResult:
     """Prune a tracr export with the one Trainer and compare the circuit with its ground truth.
 
     ``path``: as in ``load_tracr`` (None: the shipped ``reverse``); ``split_embeds``:
@@ -295,7 +296,9 @@ def prune_tracr(path: str | Path | None = None, *, name: str | None = None, spli
     ``steps`` overrides settings.steps (the sparsity and learning-rate warm-ups shrink in
     proportion); ``out_dir``: trainer checkpoints and the final masks (``masks.safetensors``);
     ``progress``: the tqdm bar; ``threads``: torch intra-op threads during the run (restored
-    after; None: leave as is). tracr models are tiny (d_model 41, 4 tokens): extra threads only
+    after; None: leave as is); ``trace_every``: every this many steps (0: never) record the
+    ground-truth edges' log_alphas into ``history`` (such rows' ``eval["gt_log_alpha"]``),
+    to see how a recovery went. tracr models are tiny (d_model 41, 4 tokens): extra threads only
     add synchronisation (on 2 busy cores, 2 threads ran a step ~10x slower than 1)."""
     directory, name = resolve_tracr_path(TRACR_DATA_DIR / "reverse" if path is None else path, name)
     if steps is not None:
@@ -316,8 +319,18 @@ def prune_tracr(path: str | Path | None = None, *, name: str | None = None, spli
                                         node_masks=settings.node_masks, init=settings.init,
                                         init_std=settings.init_std)
     batches = task.batches(settings.batch_size)
-    config = replace(settings.train_config(progress=progress), lr_lambda=settings.lambda_lr(model.graph.n_edges))
-    trainer = Trainer(model, task, batches, config, out_dir=out_dir)
+    config = replace(settings.train_config(progress=progress), lr_lambda=settings.lambda_lr(model.graph.n_edges),
+                     eval_every=trace_every)
+    trace = None
+    if trace_every and truth:
+        index = {(e.writer, e.reader): i for i, e in enumerate(model.graph.edges())}
+        watched = [(f"{w}->{r}", index[(w, r)]) for w, r in truth]
+
+        def trace(m: EdgePrunedModel) -> dict:
+            scores = edge_keep_scores(m).tolist()
+            return {"gt_log_alpha": {k: round(scores[i], 3) for k, i in watched}}
+
+    trainer = Trainer(model, task, batches, config, out_dir=out_dir, evaluate=trace)
     before = torch.get_num_threads()
     try:
         if threads is not None:
