@@ -59,7 +59,8 @@ def markdown(payload: dict) -> str:
         *rows, "",
         f"Exact recovery in {n_exact} of {len(payload['runs'])} runs; accuracy 1.0 in {n_acc} of "
         f"{len(payload['runs'])}. Machine: {m.get('cpu_model')}, torch {m.get('torch')}, 1 thread, "
-        f"{m.get('date')}, revision {m.get('git_revision')}.", ""]) + payload.get("notes_md", "")
+        f"{m.get('date')}, revision {m.get('git_revision')}; seconds are wall clock on 2 cores shared with other "
+        "jobs.", "", ""]) + payload.get("notes_md", "")
 
 
 def main() -> None:
