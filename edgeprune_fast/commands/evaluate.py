@@ -96,7 +96,8 @@ def run(args: Namespace) -> int:
         truth = compare_with_ground_truth(circuit.edge_list(), *export, split_embeds=bool(settings["split_embeds"]))
         if truth is not None:
             circuit = circuit.with_metrics({"ground_truth": truth})
-    print(f"{args.circuit} on {args.data or args.task or 'the export example sets'} ({args.split}, {circuit.metrics['n_examples']} examples, "
+    source = args.data or args.task or "the export's example sets"
+    print(f"{args.circuit} on {source} ({args.split}, {circuit.metrics['n_examples']} examples, "
           f"{ablation} ablation):")
     print_metrics(circuit)
     if args.out is not None:
