@@ -15,7 +15,7 @@ NEXT_PY      := $(NEXT_VENV)/bin/python
 NEXT_PINS    ?= triton==3.9.0 numpy==2.4.6 "transformers==5.17.*"
 NEXT_TESTS   ?= tests/ops tests/models
 
-.PHONY: setup demo test test-triton-next gpu-pytest bench lint clean
+.PHONY: setup demo test test-triton-next gpu-pytest bench lint clean tracr-compile
 
 setup: $(VENV)/.installed
 
@@ -53,6 +53,20 @@ $(NEXT_VENV)/.installed: Makefile
 gpu-pytest:
 	python3 -m pip --disable-pip-version-check -q install --target .gpu-pytest --python-version 3.12 \
 	  --only-binary=:all: --upgrade pytest
+
+# The tracr program suite (tools/compile_tracr.py): compiled with tracr in an optional jax venv,
+# shipped as data in edgeprune_fast/data/tracr/, ground truth derived from the weights (torch only)
+TRACR_VENV ?= .venv-tracr
+TRACR_PINS ?= tracr-pypi==1.0.0 jax==0.10.2 jaxlib==0.10.2 dm-haiku==0.0.17 safetensors
+tracr-compile: setup $(TRACR_VENV)/.installed
+	JAX_PLATFORMS=cpu $(TRACR_VENV)/bin/python tools/compile_tracr.py
+	chmod 644 edgeprune_fast/data/tracr/*.safetensors
+	$(PY) -m edgeprune_fast.tracr_truth edgeprune_fast/data/tracr
+
+$(TRACR_VENV)/.installed:
+	test -x $(TRACR_VENV)/bin/python || python3 -m venv $(TRACR_VENV)
+	$(TRACR_VENV)/bin/python -m pip --disable-pip-version-check -q install $(TRACR_PINS)
+	touch $@
 
 bench: setup
 	$(PY) bench/ops_bench.py

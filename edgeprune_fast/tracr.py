@@ -4,7 +4,8 @@ ground-truth circuits.
 
 Files of one model ``<name>`` in a folder: ``<name>.config.json`` and ``<name>.safetensors``
 (required), ``<name>.examples.json`` and ``<name>.ground_truth.json`` (optional); the
-format is described in models/tracr.py and in the export's README (``data/tracr/``).
+format is described in models/tracr.py and in the shared export's README;
+``data/tracr/`` ships the suite (``find_tracr_export``: what ``--model`` accepts).
 The ground-truth file names the split token writer ``token_embeds`` (Edge-Pruning's
 name); it is read as ``tok_embeds``.
 """
@@ -26,8 +27,9 @@ from .models.tracr import Edge, Token, TracrConfig, TracrTransformer, config_key
 TRACR_DATA_DIR = Path(__file__).resolve().parent / "data" / "tracr"  # demo: load_tracr(TRACR_DATA_DIR, "reverse")
 _WRITER_ALIASES = {"token_embeds": TOK_EMBEDS}
 
-__all__ = ["TRACR_DATA_DIR", "TracrConfig", "TracrExampleSet", "TracrGroundTruth", "TracrTransformer", "load_examples",
-           "load_ground_truth", "load_tracr", "resolve_tracr_path"]
+__all__ = ["TRACR_DATA_DIR", "TracrConfig", "TracrExampleSet", "TracrGroundTruth", "TracrTransformer",
+           "find_tracr_export", "is_tracr_config", "load_examples", "load_ground_truth", "load_tracr",
+           "resolve_tracr_path"]
 
 
 def resolve_tracr_path(path: str | Path, name: str | None = None) -> tuple[Path, str]:
@@ -42,6 +44,36 @@ def resolve_tracr_path(path: str | Path, name: str | None = None) -> tuple[Path,
     if p.with_name(p.name + ".config.json").is_file():
         return p.parent, p.name
     raise ValueError(f"path: expected a directory, a <name>.config.json file or a <dir>/<name> prefix, got {str(p)!r}")
+
+
+def is_tracr_config(path: Path) -> bool:
+    """A ``<name>.config.json`` of the tracr format (its ``architecture`` and ``arrays`` keys)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and isinstance(d.get("architecture"), dict) and isinstance(d.get("arrays"), dict)
+
+
+def find_tracr_export(path: str | Path) -> tuple[Path, str] | None:
+    """(directory, name) when ``path`` names a tracr export: a folder holding exactly one
+    ``<name>.config.json`` of the format (and no HF ``config.json``), ``dir/<name>`` or
+    ``dir/<name>.config.json``; None when it is not one. ValueError for a folder with several
+    tracr models (name one) ."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return None
+        found = sorted(f for f in p.glob("*.config.json") if is_tracr_config(f))
+        if len(found) > 1:
+            names = [f.name[: -len(".config.json")] for f in found]
+            raise ValueError(f"--model: {str(p)!r} holds {len(found)} tracr models ({', '.join(names)}); expected "
+                             f"one: pass {str(p / names[0])!r} (the folder and the model's name)")
+        return (p, found[0].name[: -len(".config.json")]) if found else None
+    config = p if p.name.endswith(".config.json") else p.with_name(p.name + ".config.json")
+    if config.is_file() and is_tracr_config(config):
+        return config.parent, config.name[: -len(".config.json")]
+    return None
 
 
 def _read_json(directory: Path, name: str, kind: str) -> dict[str, Any]:

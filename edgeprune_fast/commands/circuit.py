@@ -27,6 +27,7 @@ from .common import (
     positive_int,
     print_metrics,
     sparsity,
+    tracr_export,
     write_circuit_files,
 )
 
@@ -80,7 +81,7 @@ def run(args: Namespace) -> int:
 
     settings = _run_settings(args)
     check_out_folder(args.out)
-    if not (Path(settings.model) / "config.json").is_file():
+    if not (Path(settings.model) / "config.json").is_file() and tracr_export(Path(settings.model)) is None:
         raise UsageError(f"--model: the run's model {str(settings.model)!r} is not there any more (no config.json); "
                          f"expected --model with the folder it was moved to")
     tokenizer = task = None
@@ -125,6 +126,11 @@ def _model(settings: Namespace, task):
     from ..masks import EdgeMasks
     from ..model import EdgePrunedModel
 
+    if (export := tracr_export(Path(settings.model))) is not None:  # tiny: loaded as it is
+        from ..tracr import load_tracr
+
+        model = EdgePrunedModel.from_hf(load_tracr(*export), ablation="zero", **kw)
+        return model, EdgeMasks(model.graph, node_masks=kw["node_masks"], device="cpu")
     config = AutoConfig.from_pretrained(str(settings.model), local_files_only=True)
     with torch.device("meta"):
         model = EdgePrunedModel.from_hf(AutoModelForCausalLM.from_config(config), ablation="zero", **kw)

@@ -61,10 +61,20 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
 
 
 def model_dir(text: str) -> Path:
+    """--model: a folder written by save_pretrained, or a tracr export (a folder with one
+    ``<name>.config.json`` of the shared tracr format, ``dir/<name>`` or ``dir/<name>.config.json``)."""
+    from ..tracr import find_tracr_export
+
     path = Path(text).expanduser()
+    try:
+        if find_tracr_export(path) is not None:
+            return path
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--model: ")) from None
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise argparse.ArgumentTypeError(f"{text!r} is a folder but has no config.json (not a saved HF model)")
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder but has no config.json (not a saved HF model) "
+                                             f"and no <name>.config.json of a tracr export")
         return path
     if path.exists():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder written by save_pretrained")
@@ -78,19 +88,23 @@ def model_dir(text: str) -> Path:
 # -- argument groups ------------------------------------------------------------------------------------
 def add_task_source(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--task", help="a task name: ioi, greater-than, gendered-pronouns")
+    src.add_argument("--task", help="a task name: ioi, greater-than, gendered-pronouns (tracr exports: their own "
+                     "example sets, the ones marked for the ground truth; --task tracr or nothing)")
     src.add_argument("--data", type=Path, help="JSONL of {\"clean\": ..., \"corrupted\": ...} lines with the "
                      "predicted span in <predict>...</predict> (optional \"split\"), or a local copy of a MIB data "
                      "set (its rows, file or folder)")
 
 
 def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stored: bool = False,
-                      post_norm_default: str = "writer (default)") -> None:
+                      post_norm_default: str = "writer (default)", recipe: bool = False) -> None:
     """The model and how to run it. ``stored``: for commands that read a circuit file, whose
     ablation and embedding mode are the defaults (None here: the file's). ``post_norm_default``:
-    "writer (default)", or a sentence saying what the command chooses (--post-norm None)."""
+    "writer (default)", or a sentence saying what the command chooses (--post-norm None).
+    ``recipe``: the ablation and batch size default to None, filled in by the command from the
+    model kind's recipe (prune: HF models corrupted / 8, tracr exports TRACR_DEFAULTS' zero / per length)."""
     p.add_argument("--model", type=model_dir, required=required, default=None,
-                   help="folder of a saved HF causal LM and its tokenizer")
+                   help="folder of a saved HF causal LM and its tokenizer, or a tracr export (the shared format: "
+                        "a folder with one <name>.config.json, or dir/<name>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="the model's weights (masks stay float32)")
     if stored:
@@ -104,8 +118,9 @@ def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stor
         p.add_argument("--post-norm", choices=POST_NORMS, default=None,
                        help=POST_NORM_HELP + " (default: as in the circuit file, else writer)")
     else:
-        p.add_argument("--ablation", choices=ABLATIONS, default="corrupted",
-                       help="what a removed edge carries: the corrupted run's value (default), zero, or the mean")
+        p.add_argument("--ablation", choices=ABLATIONS, default=None if recipe else "corrupted",
+                       help="what a removed edge carries: the corrupted run's value (default; tracr exports: zero), "
+                            "zero, or the mean")
         p.add_argument("--split-embeds", action="store_true", help="separate token and position embedding nodes")
         p.add_argument("--kv-per-query-head", action="store_true",
                        help="grouped-query models: one k and one v reader per query head (MIB's graph) instead of "
@@ -113,7 +128,8 @@ def add_model_options(p: argparse.ArgumentParser, *, required: bool = True, stor
         chooses = post_norm_default != "writer (default)"
         p.add_argument("--post-norm", choices=POST_NORMS, default=None if chooses else "writer",
                        help=f"{POST_NORM_HELP} (default: {post_norm_default.removesuffix(' (default)')})")
-    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=None if recipe else 8,
+                   help="default 8 (tracr exports under prune: one batch per sequence length)")
     p.add_argument("--examples", type=positive_int, default=256, help="examples to generate (generated tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-layers", action="store_true",
@@ -146,7 +162,17 @@ def torch_dtype(name: str):
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
 
 
+def tracr_export(path: Path | None) -> tuple[Path, str] | None:
+    """(directory, name) when ``--model`` is a tracr export, else None."""
+    from ..tracr import find_tracr_export
+
+    return None if path is None else find_tracr_export(path)
+
+
 def load_tokenizer(path: Path):
+    """The HF tokenizer saved beside the model; None for a tracr export (it has its own encoding)."""
+    if tracr_export(path) is not None:
+        return None
     from transformers import AutoTokenizer
 
     if not any(all((path / f).is_file() for f in group) for group in TOKENIZER_FILES):
@@ -165,6 +191,8 @@ def load_tokenizer(path: Path):
 def load_task(args: Namespace, tokenizer):
     from ..tasks import get_task
 
+    if (export := tracr_export(getattr(args, "model", None))) is not None:
+        return load_tracr_task(args, export)
     if args.data is not None:
         if not args.data.exists():
             raise UsageError(f"--data: expected a JSONL file (or a local copy of a MIB data set), {str(args.data)!r} "
@@ -177,6 +205,19 @@ def load_task(args: Namespace, tokenizer):
                                  f"{str(args.data)!r}, which is a directory without MIB rows")
         return get_task(args.data, tokenizer)
     return get_task(args.task, tokenizer, n_examples=getattr(args, "examples", None), seed=args.seed)
+
+
+def load_tracr_task(args: Namespace, export: tuple[Path, str]):
+    """The TracrTask of a tracr export: its example sets marked for the ground truth (else all)."""
+    from ..tasks.tracr import TracrTask
+
+    if args.data is not None:
+        raise UsageError(f"--data: a tracr export brings its own example sets ({export[1]}.examples.json); expected "
+                         f"no --data, got {str(args.data)!r}")
+    if args.task is not None and args.task != "tracr":
+        raise UsageError(f"--task: a tracr export brings its own example sets; expected 'tracr' or no --task, got "
+                         f"{args.task!r}")
+    return TracrTask.load(*export)
 
 
 def load_model_for(args: Namespace, ablation: str, mean_batches, **kwargs):
@@ -199,6 +240,15 @@ def load_model(args: Namespace, on_device=None, **kwargs):
     kwargs.setdefault("post_norm", getattr(args, "post_norm", None) or "writer")
     from safetensors import SafetensorError
 
+    if (export := tracr_export(args.model)) is not None:
+        from ..tracr import load_tracr
+
+        try:
+            tracr = load_tracr(*export).to(device=on_device, dtype=dtype)
+        except SafetensorError as exc:
+            raise UsageError(f"--model: expected readable weights {export[1]}.safetensors in {str(export[0])!r}, "
+                             f"which could not be read: {_first_line(exc)}") from None
+        return EdgePrunedModel.from_hf(tracr, **kwargs)
     try:
         return EdgePrunedModel.from_pretrained(args.model, dtype=dtype, device=on_device, **kwargs)
     except ValueError as exc:  # the library names its keyword; the user gave the option
@@ -231,6 +281,9 @@ def print_metrics(circuit, out=None) -> None:
     if "metric_circuit" in m:
         print(f"  {name}: circuit {m['metric_circuit']:.4f}, full {m['metric_full']:.4f}, "
               f"empty {m['metric_empty']:.4f}; faithfulness {m['faithfulness']:.4f}", file=out)
+    if (gt := m.get("ground_truth")) is not None:  # tracr exports
+        print(f"  ground truth: {gt['n_expected']} edges; matched {gt['matched']}, missing {len(gt['missing'])}, "
+              f"extra {len(gt['extra'])}; exact recovery: {'yes' if gt['exact'] else 'no'}", file=out)
     for other, row in (m.get("measures") or {}).items():
         if other != name:
             print(f"  {other}: circuit {row['circuit']:.4f}, full {row['full']:.4f}, empty {row['empty']:.4f}",

@@ -6,7 +6,9 @@ Gemma-2 / OLMo-2: post_norm.py) default to the ones the circuit was made with (o
 corrupted ablation on the grouped graph); an option that overrides the file's setting says
 so. Mean ablation takes its means over the task's training batches, as prune does. A score
 file (every edge in_graph false, MIB's importances) needs ``--top-n`` or ``--top-percent``;
-a MIB file of a grouped-query model loads into the per-query-head graph
+a tracr export (``--model`` in the shared tracr format) is evaluated on its own example
+sets (accuracy on the program) and compared with its ground truth; a MIB file of a
+grouped-query model loads into the per-query-head graph
 (``--kv-per-query-head``) as it is, or into the grouped one by ``--gqa``.
 """
 
@@ -16,6 +18,7 @@ import sys
 from argparse import ArgumentParser, Namespace
 from pathlib import Path
 
+from ..errors import UsageError
 from ..staging import staged_file
 from .common import (
     add_model_options,
@@ -25,6 +28,7 @@ from .common import (
     load_task,
     load_tokenizer,
     print_metrics,
+    tracr_export,
 )
 
 NAME = "eval"
@@ -34,7 +38,7 @@ HELP = "evaluate a circuit file (ours or EAP-IG/MIB) on a task"
 def add_arguments(ev: ArgumentParser) -> None:
     ev.add_argument("circuit", type=Path)
     add_model_options(ev, stored=True)
-    add_task_source(ev)
+    add_task_source(ev, required=False)  # one of them, unless --model is a tracr export
     add_selection_options(ev)
     ev.add_argument("--split", choices=["train", "validation"], default="validation")
     ev.add_argument("--out", type=Path, default=None, help="write the circuit with its metrics to this JSON file")
@@ -75,6 +79,8 @@ def run(args: Namespace) -> int:
     from ..formats import is_eap_ig, load_circuit
     from ..post_norm import has_post_norms
 
+    if args.task is None and args.data is None and tracr_export(args.model) is None:
+        raise UsageError("--task or --data: expected one of them (a tracr export --model brings its own examples)")
     settings = resolve(args, args.circuit)
     tokenizer = load_tokenizer(args.model)
     task = load_task(args, tokenizer)
@@ -86,11 +92,18 @@ def run(args: Namespace) -> int:
     circuit = load_circuit(args.circuit, model.graph, gqa=args.gqa, top_n=args.top_n, top_percent=args.top_percent)
     circuit = evaluate_circuit(model, circuit, task, batches)
     circuit = circuit.with_metrics({"ablation": ablation, "post_norm": model.post_norm})
+    if (export := tracr_export(args.model)) is not None:  # a tracr export: its examples and its ground truth
+        from ..tasks.tracr import compare_with_ground_truth
+
+        truth = compare_with_ground_truth(circuit.edge_list(), *export, split_embeds=bool(settings["split_embeds"]))
+        if truth is not None:
+            circuit = circuit.with_metrics({"ground_truth": truth})
     if settings["post_norm"] == "writer" and has_post_norms(model.adapter) and is_eap_ig(read_circuit_json(args.circuit)):
         print("note: an EAP-IG/MIB file on a model with post-attention norms, evaluated with --post-norm writer (ours); "
               "MIB's evaluation norms each reader's mix of a layer's heads: --post-norm reader", file=sys.stderr)
     post = f", post-norm {settings['post_norm']}" if has_post_norms(model.adapter) else ""
-    print(f"{args.circuit} on {args.data or args.task} ({args.split}, {circuit.metrics['n_examples']} examples, "
+    source = args.data or args.task or "the export's example sets"
+    print(f"{args.circuit} on {source} ({args.split}, {circuit.metrics['n_examples']} examples, "
           f"{ablation} ablation{post}):")
     print_metrics(circuit)
     if args.out is not None:

@@ -11,6 +11,10 @@ included, with the settings stored in OUT (a sweep at its first unfinished targe
 ends with the masks of the uninterrupted run. SIGINT / SIGTERM stop after the current step
 with a checkpoint, print the resume command and exit with 130 / 143.
 
+Tracr exports (``--model`` in the shared tracr format) are pruned on their own example
+sets with the tracr recipe (tasks.tracr.TRACR_DEFAULTS) for every option left unset, and
+the circuit is compared with the export's ground truth; options given explicitly win.
+
 Under torchrun (WORLD_SIZE > 1): data parallel over the processes
 (distributed.DataParallel), optionally with FSDP2-sharded weights (--shard-weights); rank 0
 prints and writes (the run folder must be on a file system every process sees, to resume).
@@ -41,6 +45,7 @@ from .common import (
     positive_int,
     print_metrics,
     sparsity,
+    tracr_export,
     write_circuit_files,
 )
 
@@ -51,22 +56,27 @@ _PATHS = ("model", "data", "out", "init_from")
 
 
 def add_arguments(pr: ArgumentParser) -> None:
-    add_model_options(pr, required=False)
+    add_model_options(pr, required=False, recipe=True)
     add_task_source(pr, required=False)
     tgt = pr.add_mutually_exclusive_group()
-    tgt.add_argument("--sparsity", type=sparsity, default=0.98, help="target edge sparsity in [0, 2) (default 0.98; "
-                     "targets >= 1 keep pushing in training and take the edges with non-zero masks)")
+    tgt.add_argument("--sparsity", type=sparsity, default=None, help="target edge sparsity in [0, 2) (default 0.98; "
+                     "tracr exports: 1.02; targets >= 1 keep pushing in training and take the edges with non-zero "
+                     "masks)")
     tgt.add_argument("--sweep", type=sparsity, nargs="+", help="several target sparsities (one run each)")
     pr.add_argument("--node-sparsity", type=sparsity, default=None, help="target node sparsity (default: none)")
-    pr.add_argument("--no-node-masks", action="store_true", help="edge masks only")
-    pr.add_argument("--steps", type=positive_int, default=3000)
-    pr.add_argument("--lr", type=float, default=0.8, help="learning rate of masks and lambdas (default 0.8)")
-    pr.add_argument("--init", type=float, default=10.0, help="initial log_alpha (default 10)")
+    pr.add_argument("--no-node-masks", action="store_true", help="edge masks only (tracr exports: always, unless "
+                    "--node-sparsity is given)")
+    pr.add_argument("--steps", type=positive_int, default=None, help="default 3000 (tracr exports: 4000)")
+    pr.add_argument("--lr", type=float, default=None, help="learning rate of masks and lambdas (default 0.8; tracr "
+                    "exports: TRACR_DEFAULTS' lr_edge 0.05, lr_lambda 0.01, no weight decay)")
+    pr.add_argument("--init", type=float, default=None, help="initial log_alpha (default 10; tracr exports: 3)")
     pr.add_argument("--init-from", type=Path, default=None, metavar="SCORES",
                     help="start the edge masks from an EAP-IG scores file (edgeprune attribute): by rank, the "
                          "target's top edges by |score| kept, the others below the threshold (warm_start.py)")
-    pr.add_argument("--sparsity-warmup", type=int, default=None, help="default: 5/6 of --steps")
-    pr.add_argument("--lr-warmup", type=int, default=None, help="default: 1/15 of --steps")
+    pr.add_argument("--sparsity-warmup", type=int, default=None, help="default: 5/6 of --steps (tracr exports: "
+                    "2700 of 4000, scaled to --steps)")
+    pr.add_argument("--lr-warmup", type=int, default=None, help="default: 1/15 of --steps (tracr exports: 250 of "
+                    "4000, scaled)")
     pr.add_argument("--discretise", choices=["exact", "masks"], default="exact",
                     help="exact: keep exactly round((1 - target) * n_edges) edges (default); masks: the edges "
                          "whose deterministic mask is non-zero")
@@ -94,7 +104,7 @@ def check_processes(args: Namespace, world: int) -> None:
                          f"WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')}")
     if world <= 1:
         return
-    if args.batch_size < world:  # every process takes a slice of every global batch
+    if args.batch_size is not None and args.batch_size < world:  # every process takes a slice of every global batch
         raise UsageError(f"--batch-size: expected at least one example per process ({world}; the global batch is "
                          f"split over them), got {args.batch_size}")
     dev = device(args.device)
@@ -142,12 +152,38 @@ def shareable_batches(batches: list, world: int, report: bool) -> list:
 
 
 # -- settings ------------------------------------------------------------------------------------
+HF_RECIPE = {"sparsity": 0.98, "steps": 3000, "lr": 0.8, "init": 10.0, "ablation": "corrupted", "batch_size": 8}
+
+
+def apply_recipe(args: Namespace) -> None:
+    """Fill the options left unset (None) from the model kind's recipe: HF_RECIPE, or for a
+    tracr export TRACR_DEFAULTS (warm-ups scaled to --steps as prune_tracr does; ``lr`` stays
+    None: the recipe's separate edge / lambda rates; edge masks only unless --node-sparsity)."""
+    if tracr_export(args.model) is None:
+        for k, v in HF_RECIPE.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        return
+    from ..tasks.tracr import TRACR_DEFAULTS as D
+
+    scale = 1.0 if args.steps is None else args.steps / D.steps
+    fill = {"sparsity": D.target_edge_sparsity, "steps": D.steps, "init": D.init, "ablation": "zero",
+            "batch_size": D.batch_size, "sparsity_warmup": round(D.sparsity_warmup * scale),
+            "lr_warmup": round(D.lr_warmup * scale)}
+    for k, v in fill.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if not D.node_masks and args.node_sparsity is None:
+        args.no_node_masks = True
+
+
 def _check_new_run(args: Namespace) -> None:
     """What argparse cannot check because --resume makes it optional."""
     for name, flag in (("model", "--model"), ("out", "--out")):
         if getattr(args, name) is None:
             raise UsageError(f"{flag}: required (unless --resume OUT continues an interrupted run)")
-    if args.task is None and args.data is None:
+    apply_recipe(args)
+    if args.task is None and args.data is None and tracr_export(args.model) is None:
         raise UsageError("--task or --data: expected one of them (unless --resume OUT continues an interrupted run)")
     if args.node_sparsity is not None and args.no_node_masks:
         raise UsageError(f"--node-sparsity: needs node masks; expected it without --no-node-masks, got "
@@ -185,7 +221,11 @@ def checkpoint_every(args: Namespace) -> int:
 
 # -- prune ---------------------------------------------------------------------------------------
 def run(args: Namespace) -> int:
-    """Under torchrun (WORLD_SIZE > 1) every process runs all of this: training on its slice
+    """Tracr exports (``--model`` in the shared tracr format) are pruned on their own example
+sets with the tracr recipe (tasks.tracr.TRACR_DEFAULTS) for every option left unset, and
+the circuit is compared with the export's ground truth; options given explicitly win.
+
+Under torchrun (WORLD_SIZE > 1) every process runs all of this: training on its slice
     of each global batch (distributed.DataParallel), and the same circuit evaluation (with
     sharded weights every forward gathers collectively, so all ranks must run it); rank 0
     alone prints and writes ``--out``."""
@@ -201,7 +241,7 @@ def run(args: Namespace) -> int:
         targets = folder.targets
     else:
         _check_new_run(args)
-        targets = sorted(set(args.sweep)) if args.sweep else [args.sparsity]
+        targets = sorted(set(args.sweep)) if args.sweep else [args.sparsity]  # apply_recipe filled it
     rank, world = torchrun_world()
     check_processes(args, world)
     if rank > 0:  # other ranks stay quiet: no transformers progress bars either
@@ -312,7 +352,9 @@ def _prune(args: Namespace, targets: list[float], task, train_batches, eval_batc
 
 
 def _source(args: Namespace) -> str:
-    return str(args.data) if args.data is not None else args.task
+    if args.data is not None:
+        return str(args.data)
+    return args.task or "its example sets"
 
 
 def _one_target(args, target, task, model, train_batches, eval_batches, dp, folder, stop, is_main, out, err,
@@ -336,10 +378,16 @@ def _one_target(args, target, task, model, train_batches, eval_batches, dp, fold
         n_keep = warm_start(model.masks, init_scores, target)
         print(f"target {target}: edge masks start from {args.init_from} (its top {n_keep} edges by |score| kept)",
               file=err)
+    if args.lr is None:  # a tracr export without --lr: the tracr recipe's rates (apply_recipe)
+        from ..tasks.tracr import TRACR_DEFAULTS as D
+
+        rates = dict(lr_edge=D.lr_edge, lr_node=D.lr_node, lr_lambda=D.lambda_lr(model.graph.n_edges),
+                     weight_decay=D.weight_decay)
+    else:
+        rates = dict(lr_edge=args.lr, lr_node=args.lr, lr_lambda=args.lr)
     config = TrainConfig(target_edge_sparsity=target, target_node_sparsity=args.node_sparsity, steps=args.steps,
-                         sparsity_warmup=args.sparsity_warmup, lr_warmup=args.lr_warmup, lr_edge=args.lr,
-                         lr_node=args.lr, lr_lambda=args.lr, seed=args.seed, checkpoint_every=checkpoint_every(args),
-                         progress=is_main and not args.quiet)
+                         sparsity_warmup=args.sparsity_warmup, lr_warmup=args.lr_warmup, **rates, seed=args.seed,
+                         checkpoint_every=checkpoint_every(args), progress=is_main and not args.quiet)
     trainer = Trainer(model, task, train_batches, config, data_parallel=dp, out_dir=folder.trainer_dir(target))
     saved = folder.trainer_dir(target) / "checkpoint"
     if saved.with_suffix(".safetensors").is_file():
@@ -366,6 +414,12 @@ def _one_target(args, target, task, model, train_batches, eval_batches, dp, fold
                                          "run": _settings(args)})
     _say_which_circuit(circuit, target, err)
     circuit = evaluate_circuit(model, circuit, task, eval_batches)  # on every rank: see run
+    if (export := tracr_export(args.model)) is not None:
+        from ..tasks.tracr import compare_with_ground_truth
+
+        truth = compare_with_ground_truth(circuit.edge_list(), *export, split_embeds=args.split_embeds)
+        if truth is not None:
+            circuit = circuit.with_metrics({"ground_truth": truth})
     if stage is not None:
         write_circuit_files(stage, circuit, model.masks, model.adapter.d_model, args.picture, save_masks=False)
     print(f"target sparsity {target}:", file=out)

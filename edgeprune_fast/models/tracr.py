@@ -1,9 +1,9 @@
 """Tracr-compiled transformers as a torch model, and their adapter (a non-HF family).
 
-The export format (``../tracr.py`` reads the files; a copy of ``reverse`` is in
-``data/tracr/``): ``<name>.config.json`` (architecture, input encoding, output decoding,
-every array's shape), parsed into :class:`TracrConfig`, and float32 arrays named as below
-(per layer ``l``)::
+The export format (``../tracr.py`` reads the files; the shipped suite, ``reverse`` and the
+programs of tools/compile_tracr.py, is in ``data/tracr/``): ``<name>.config.json``
+(architecture, input encoding, output decoding, every array's shape), parsed into
+:class:`TracrConfig`, and float32 arrays named as below (per layer ``l``)::
 
     embed.W_tok [d_vocab, D]   embed.W_pos [n_ctx, D]            unembed.W_U [D, d_out]
     blocks.l.attn.W_Q/W_K [H, D, d_head]   b_Q/b_K [H, d_head]

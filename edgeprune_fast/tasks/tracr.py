@@ -40,51 +40,73 @@ from ..tracr import TRACR_DATA_DIR, TracrTransformer, load_examples, load_ground
 from ..train import TrainConfig, Trainer
 from .base import Task, TaskBatch, kl_loss
 
+# the sets `reverse` marks for its ground truth (what TRACR_DEFAULTS.sets=None picks there)
 LENGTH3_SETS = ("edge_pruning_reverse_t3_s3", "acdc_reverse_6_permutations")
 
 
 @dataclass(frozen=True)
 class TracrPruneSettings:
-    """Documented settings for pruning tracr models (:data:`TRACR_DEFAULTS`).
+    """Documented settings for pruning tracr models (:data:`TRACR_DEFAULTS`): one recipe for
+    every program and both embedding modes, nothing per program.
 
-    sets: example sets to train on (None: every set marked ``use_for_ground_truth_test``);
-    batch_size: examples per batch (None: each length group is one batch, here all 33
-    length-3 examples); node_masks and init/init_std: the EdgePrunedModel's masks
-    (log_alpha ~ N(init, init_std)); the rest is the TrainConfig.
+    sets: example sets to train on (None: every set the export marks
+    ``use_for_ground_truth_test``, whatever their names; the sets the ground truth was
+    derived on); batch_size: examples per batch (None: each length group is one batch);
+    node_masks and init/init_std: the EdgePrunedModel's masks (log_alpha ~ N(init,
+    init_std)); the rest is the TrainConfig.
 
     Why these values: the target 1.02 is the original tracr script's: it can never be met,
     so the lambdas keep pushing until only edges whose removal costs KL remain (a target
     below 1 would, through the quadratic term, also hold on to edges the KL does not need).
-    The push must stay weaker than the KL cost of a needed edge (removing any ground-truth
-    edge of ``reverse`` costs >= 0.26 of the position-summed KL), hence the small lambda
-    learning rate (0.01) and a linear decay of all learning rates to 0 that freezes the
-    masks at the end; 3000 steps with a 2000-step sparsity warm-up leave 1000 steps at the
-    full target for the last unneeded edges to fall. Measured (bench/tracr_recovery.py,
-    seeds 0-2, both graphs): exact from the default seed 0 in both; 5 of 6 runs exact, AUC 1
-    in all; seed 1 with split embeddings loses tok_embeds->m1. The margin is narrow both ways:
-    a 2400-step warm-up (or lr_lambda 0.005) fixed that run but left one unneeded edge on
-    seed 2 with split embeddings; 1500 steps left one unneeded edge.
-    lr_edge 0.05: at 0.1 the split-embeddings run lost the length path (tok_embeds->a0.h0.v,
-    a0.h0->m0, m0->m1) early in the warm-up and never got it back (a mask stuck at 0 has no
-    gradient). No node masks and no weight decay (the original disables the node loss for
-    tracr; decay would pull every log_alpha towards 0). init 3 instead of the recipe's 10:
-    at 10 the masks sit deep in the clamped region where only the sparsity term has a
-    gradient; at 3 about a fifth of the samples are below 1, so the KL is felt from the start."""
+    The push must stay weaker than the KL cost of a needed edge: the lambdas grow by about
+    their learning rate per step (AdamW) for the whole run, so their learning rate sets the
+    final push, and the push on one edge is lambda / n_edges. Hence the small lambda
+    learning rate, 0.003 on a graph of 77 edges (reverse's) and in proportion to the edge
+    count on others (:meth:`lambda_lr`), and a linear decay of all learning rates to 0 that
+    freezes the masks at the end. A weak push still removes every unneeded edge: its KL
+    gradient is (near) zero, so AdamW moves its log_alpha at about lr_edge per step
+    whatever the size of the push, but an inert dependency has a small KL gradient of its
+    own. The window is narrow on both sides (measured on the suite, seed 0, 4000 steps;
+    bench/results/tracr_recovery.md): with 0.01 (the value measured on reverse alone) the
+    push at the end outgrew the KL cost of needed edges on hist and sort (their output or
+    selector edges fell and accuracy went to 0); with 0.001 reverse kept the inert
+    embeds->a3.h0.q (BOS term of the flip's query). 4000 steps with a 2700-step sparsity
+    warm-up leave 1300 steps at the full target for the last unneeded edges to fall (on ``reverse`` alone 3000 / 2000 was
+    enough; the suite's programs train on several lengths, one length per step, so each
+    batch is seen a third as often). lr_edge 0.05: at 0.1 the split-embeddings run of
+    ``reverse`` lost the length path (tok_embeds->a0.h0.v, a0.h0->m0, m0->m1) early in the
+    warm-up and never got it back (a mask stuck at 0 has no gradient). No node masks and no
+    weight decay (the original disables the node loss for tracr; decay would pull every
+    log_alpha towards 0). init 3 instead of the recipe's 10: at 10 the masks sit deep in
+    the clamped region where only the sparsity term has a gradient; at 3 about a fifth of
+    the samples are below 1, so the KL is felt from the start. Measured per program and
+    embedding mode: bench/tracr_recovery.py -> bench/results/tracr_recovery.md."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 4000
     target_edge_sparsity: float = 1.02
-    sparsity_warmup: int = 2000
-    lr_warmup: int = 200
+    sparsity_warmup: int = 2700
+    lr_warmup: int = 250
     lr_edge: float = 0.05
     lr_node: float = 0.05
-    lr_lambda: float = 0.01
+    lr_lambda: float = 0.003
     weight_decay: float = 0.0
     init: float = 3.0
     init_std: float = 0.01
     node_masks: bool = False
-    sets: tuple[str, ...] | None = LENGTH3_SETS
+    sets: tuple[str, ...] | None = None
     batch_size: int | None = None
+    lambda_reference_edges: int = 77
+
+    def lambda_lr(self, n_edges: int) -> float:
+        """The lambdas' learning rate on a graph of ``n_edges`` edges: ``lr_lambda * n_edges /
+        lambda_reference_edges``. The sparsity term pushes each edge by lambda / n_edges and
+        AdamW grows lambda by about its learning rate per step whatever the gap, so this
+        keeps the push on every edge the same on every graph (lr_lambda as measured on
+        reverse's 77 edges)."""
+        if isinstance(n_edges, bool) or not isinstance(n_edges, int) or n_edges < 1:
+            raise ValueError(f"n_edges: expected an integer >= 1, got {n_edges!r}")
+        return self.lr_lambda * n_edges / self.lambda_reference_edges
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The TrainConfig of these settings: every field the two share, then ``overrides``."""
@@ -204,6 +226,23 @@ def kept_edges(model: EdgePrunedModel) -> list[tuple[str, str]]:
     return [(e.writer, e.reader) for e, keep in zip(model.graph.edges(), (z > 0).tolist()) if keep]
 
 
+def compare_with_ground_truth(edges: Sequence[Any], path: str | Path, name: str | None = None, *,
+                              split_embeds: bool = False) -> dict[str, Any] | None:
+    """The circuit ``edges`` ((writer, reader) pairs or graph.Edge) against the export's ground truth (the embedding mode's list):
+    {n_expected, matched, missing, extra, exact}; None when the export has no ground truth."""
+    directory, name = resolve_tracr_path(path, name)
+    if not (directory / f"{name}.ground_truth.json").is_file():
+        return None
+    gt = load_ground_truth(directory, name)
+    truth = gt.edges_split_embeds if split_embeds else gt.edges
+    if truth is None:
+        return None
+    found = {(e.writer, e.reader) if hasattr(e, "writer") else tuple(e) for e in edges}
+    want = {tuple(e) for e in truth}
+    return {"n_expected": len(want), "matched": len(found & want), "missing": sorted(map(list, want - found)),
+            "extra": sorted(map(list, found - want)), "exact": found == want}
+
+
 def roc_auc(model: EdgePrunedModel, truth: Sequence[Sequence[str]]) -> float:
     """ROC AUC of the edge scores against the ground-truth edge set (sklearn)."""
     from sklearn.metrics import roc_auc_score
@@ -248,7 +287,8 @@ class TracrPruneResult:
 
 def prune_tracr(path: str | Path | None = None, *, name: str | None = None, split_embeds: bool = False,
                 settings: TracrPruneSettings = TRACR_DEFAULTS, steps: int | None = None,
-                out_dir: str | Path | None = None, progress: bool = True, threads: int | None = 1) -> TracrPruneResult:
+                out_dir: str | Path | None = None, progress: bool = True, threads: int | None = 1,
+                trace_every: int = 0) -> TracrPruneResult:
     """Prune a tracr export with the one Trainer and compare the circuit with its ground truth.
 
     ``path``: as in ``load_tracr`` (None: the shipped ``reverse``); ``split_embeds``:
@@ -256,7 +296,9 @@ def prune_tracr(path: str | Path | None = None, *, name: str | None = None, spli
     ``steps`` overrides settings.steps (the sparsity and learning-rate warm-ups shrink in
     proportion); ``out_dir``: trainer checkpoints and the final masks (``masks.safetensors``);
     ``progress``: the tqdm bar; ``threads``: torch intra-op threads during the run (restored
-    after; None: leave as is). tracr models are tiny (d_model 41, 4 tokens): extra threads only
+    after; None: leave as is); ``trace_every``: every this many steps (0: never) record the
+    ground-truth edges' log_alphas into ``history`` (such rows' ``eval["gt_log_alpha"]``),
+    to see how a recovery went. tracr models are tiny (d_model 41, 4 tokens): extra threads only
     add synchronisation (on 2 busy cores, 2 threads ran a step ~10x slower than 1)."""
     directory, name = resolve_tracr_path(TRACR_DATA_DIR / "reverse" if path is None else path, name)
     if steps is not None:
@@ -277,7 +319,18 @@ def prune_tracr(path: str | Path | None = None, *, name: str | None = None, spli
                                         node_masks=settings.node_masks, init=settings.init,
                                         init_std=settings.init_std)
     batches = task.batches(settings.batch_size)
-    trainer = Trainer(model, task, batches, settings.train_config(progress=progress), out_dir=out_dir)
+    config = replace(settings.train_config(progress=progress), lr_lambda=settings.lambda_lr(model.graph.n_edges),
+                     eval_every=trace_every)
+    trace = None
+    if trace_every and truth:
+        index = {(e.writer, e.reader): i for i, e in enumerate(model.graph.edges())}
+        watched = [(f"{w}->{r}", index[(w, r)]) for w, r in truth]
+
+        def trace(m: EdgePrunedModel) -> dict:
+            scores = edge_keep_scores(m).tolist()
+            return {"gt_log_alpha": {k: round(scores[i], 3) for k, i in watched}}
+
+    trainer = Trainer(model, task, batches, config, out_dir=out_dir, evaluate=trace)
     before = torch.get_num_threads()
     try:
         if threads is not None:
