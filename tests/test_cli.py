@@ -50,9 +50,9 @@ def pruned(files):
 
 
 def run(argv, capsys):
-    """(exit code, stdout, stderr) of cli.main, argparse's SystemExit included."""
+    """(exit code, stdout, stderr) of cli.main (arguments as strings), argparse's SystemExit included."""
     try:
-        code = cli.main(argv)
+        code = cli.main([str(a) for a in argv])
     except SystemExit as exc:
         code = exc.code
     captured = capsys.readouterr()

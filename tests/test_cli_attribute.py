@@ -13,18 +13,10 @@ from edgeprune_fast import cli
 from edgeprune_fast.formats import parse_eap_ig
 from edgeprune_fast.graph import Graph
 from tests.tasks._task_tokenizer import build_tokenizer, save_tiny_model
+from tests.test_cli import run
 
 DATA = Path(__file__).parent / "data" / "mib"
 IOI = DATA / "ioi.jsonl"
-
-
-def run(argv, capsys):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,10 @@ from edgeprune_fast.graph import Graph
 from edgeprune_fast.mib.budgets import SUBMISSION_PERCENTS, n_at_most
 from edgeprune_fast.mib.evaluate import curve_percents, masks_graph, order_from_masks
 from tests.tasks._task_tokenizer import build_tokenizer, save_tiny_model
+from tests.test_cli import run
 
 DATA = Path(__file__).parent / "data" / "mib"
 GPT2_EDGES = Graph.build(2, 2).n_edges  # save_tiny_model: 2 layers, 2 heads
-
-
-def run(argv, capsys):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
