@@ -2,8 +2,9 @@
 
 Metadata and dependencies live in pyproject.toml; this file adds what setuptools cannot
 declare there: the extension, built with torch.utils.cpp_extension from the sources listed
-in csrc/sources.txt (the list CMakeLists.txt reads too), and kernels/ installed as
-``edgeprune_fast.kernels`` (never as a top-level ``kernels``: that name is taken on PyPI).
+in csrc/sources.txt (the list CMakeLists.txt reads too); the Triton kernels are the
+package's own ``edgeprune_fast/kernels/`` (never a top-level ``kernels``: that name is Hugging
+Face's kernels package, which transformers >= 5.25 requires and imports).
 
 Build with torch already installed and without build isolation (an isolated build would
 pull a multi-GB CUDA torch):
@@ -65,9 +66,7 @@ def extension():
 
 setup(
     # namespace packages too, so that the data folders (no __init__.py) ship as package data
-    packages=find_namespace_packages(include=["edgeprune_fast", "edgeprune_fast.*"], exclude=["*.__pycache__"])
-    + ["edgeprune_fast.kernels"],
-    package_dir={"edgeprune_fast.kernels": "kernels"},
+    packages=find_namespace_packages(include=["edgeprune_fast", "edgeprune_fast.*"], exclude=["*.__pycache__"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )

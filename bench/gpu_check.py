@@ -352,7 +352,7 @@ def _measure_mix(kernels, params, R: int, W: int, M: int, dt: torch.dtype, dev: 
         return kernels.mix_backward(grad_x, z, delta, None, grad_clean_out=sink)
 
     # the backward's persistent grid at one program per SM instead of two: half the partials'
-    # footprint in L2, which matters towards ~1,000 writers (kernels/edge_mix.py docstring)
+    # footprint in L2, which matters towards ~1,000 writers (edgeprune_fast/kernels/edge_mix.py docstring)
     one_per_sm = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 1
     mix_backward = load_kernels().mix_backward
 

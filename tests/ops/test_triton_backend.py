@@ -346,7 +346,7 @@ print(json.dumps(rows))
 def test_kernels_build_for_h100(tmp_path):
     """Every kernel, in the variants the launchers pick at GPT-2 and Llama-3.1-8B shapes and
     past 64 readers, compiles through Triton's whole CUDA pipeline to an sm_90 cubin (the
-    bundled ptxas) and spills no registers (kernels/edge_mix.py ``_config``): no GPU needed,
+    bundled ptxas) and spills no registers (edgeprune_fast/kernels/edge_mix.py ``_config``): no GPU needed,
     so GPU-only compile errors and spilling tiles show up on CPU machines too."""
     import subprocess
     import sys

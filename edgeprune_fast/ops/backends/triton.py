@@ -8,10 +8,8 @@ the C++ and reference backends. Triton is imported only when a call is about to 
 so importing this module, or asking it why it cannot serve a CPU call, costs nothing.
 The maths is ARCHITECTURE.md §2; the kernels document their grids and memory traffic.
 
-The kernels are installed as ``edgeprune_fast.kernels`` (setup.py maps the checkout's
-``kernels/`` there). Run from a checkout that was never installed (PYTHONPATH only, as
-bench/gpu_check.sh does on machines where nothing can be installed), that name does not
-exist; the checkout's ``kernels/`` is then imported under it (`load_kernels`).
+The kernels are the subpackage ``edgeprune_fast.kernels`` (edgeprune_fast/kernels/), so an
+installed package and a checkout on PYTHONPATH (bench/gpu_check.sh) import them alike.
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -30,26 +26,8 @@ _NAME = "edgeprune_fast.kernels"
 
 
 def load_kernels():
-    """edgeprune_fast.kernels: the installed package, else a checkout's ``kernels/`` beside
-    the ``edgeprune_fast/`` this module was imported from, imported under that name."""
-    try:
-        return importlib.import_module(_NAME)
-    except ModuleNotFoundError as exc:
-        if exc.name != _NAME:
-            raise  # triton or torch missing, not the kernels
-        folder = Path(__file__).resolve().parents[3] / "kernels"
-        if not (folder / "__init__.py").is_file():
-            raise
-    spec = importlib.util.spec_from_file_location(_NAME, folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_NAME] = module  # before running it: its relative imports look it up there
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[_NAME]
-        raise
-    return module
+    """edgeprune_fast.kernels (imports triton: only when a call is about to be served)."""
+    return importlib.import_module(_NAME)
 
 
 class TritonBackend:

@@ -16,7 +16,7 @@ grad_log_alpha the same shape, float32. ``offset`` places entry i at position of
 of the seed's Philox stream (edge masks 0..R*W-1, node masks R*W.., see ops/backends).
 
 The jit helpers `_hard_concrete_s` and `_hard_concrete_z` are shared with the fused
-edge_mix kernel (kernels/edge_mix.py), so a seed gives the same bits in both.
+edge_mix kernel (edge_mix.py), so a seed gives the same bits in both.
 """
 
 from __future__ import annotations
