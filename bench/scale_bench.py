@@ -101,6 +101,28 @@ def make_step(pruned, point: dict, device: str):
     return step
 
 
+def make_attribution(pruned, point: dict, device: str):
+    """``point["attribute"]`` (eap-ig or eap-ig-activations): one batch attributed with the KL
+    metric at the last position, 2 IG steps, instead of a training step (the plan's claim
+    that attribution needs no more than a step)."""
+    from edgeprune_fast.attribution import attribute
+    from edgeprune_fast.tasks.base import Task, TaskBatch
+
+    class KL(Task):
+        name = "kl"
+
+    V, B, S = point["vocab"], point["batch"], point["seq"]
+    target = torch.zeros(B, S, dtype=torch.bool, device=device)
+    target[:, -1] = True
+    batch = TaskBatch(torch.randint(0, V, (B, S), device=device), torch.randint(0, V, (B, S), device=device),
+                      None, target)
+
+    def step() -> None:
+        attribute(pruned, KL(), [batch], method=point["attribute"], metric="kl", ig_steps=2, progress=False)
+
+    return step
+
+
 def prediction(cfg, point: dict, device: str):
     from edgeprune_fast.ops import backends
     from edgeprune_fast.plan import ModelShape, PlanSettings, plan
@@ -117,7 +139,7 @@ def measure(point: dict, device: str = "cpu", reps: int = 0) -> dict:
     """One point: measured peak of a step above its start, the planner's prediction."""
     cfg, pruned = build(point, device)
     p, backend = prediction(cfg, point, device)
-    step = make_step(pruned, point, device)
+    step = (make_attribution if "attribute" in point else make_step)(pruned, point, device)
     step()  # warm-up: lazy allocations and AdamW's moments
     pruned.zero_grad(set_to_none=True)
     gc.collect()

@@ -95,6 +95,17 @@ def test_kv_readers_per_query_head_planned_as_built(one_thread):
     assert 0.85 <= row["ratio"] <= 1.15
 
 
+@pytest.mark.parametrize("method", ["eap-ig", "eap-ig-activations"])
+def test_attribution_fits_in_the_plan_of_a_step(method):
+    """`edgeprune attribute` (MIB's graph, as the command builds it) needs no more than the
+    planner's training step, within its 15 % (bench/scale_bench.py make_attribution)."""
+    row = _measure({"n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "d_model": 256, "d_mlp": 640, "vocab": 4096,
+                    "batch": 4, "seq": 32, "dtype": "float32", "kv_per_query_head": True, "attribute": method})
+    print(f"{method}: measured {row['measured_bytes'] / 1e6:.1f} MB, predicted step {row['predicted_step_bytes'] / 1e6:.1f} "
+          f"MB, ratio {row['ratio']:.3f}")
+    assert 0.7 <= row["ratio"] <= 1.15
+
+
 @pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "ckpt"])
 def test_prediction_for_the_fused_kernels(ckpt):
     """The C++ kernels add the writers' gradient into the slot buffer's (no [n, N, D] temporary)."""
