@@ -95,6 +95,7 @@ def test_gqa_model_is_scored_on_eap_igs_graph(tmp_path, capsys):
     (["--top-n", "100000"], "--top-n: expected at most the graph's"),
     (["--ig-steps", "0"], "--ig-steps: expected an integer >= 1"),
     (["--corrupted-on-cpu"], "--corrupted-on-cpu: attribution's forward reads no corrupted states"),
+    (["--post-norm", "reader"], "--post-norm: attribution scores the writer graph"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(files, tmp_path, capsys, extra, message):
     out = tmp_path / "bad.json"

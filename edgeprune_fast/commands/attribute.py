@@ -63,6 +63,9 @@ def _check(args: Namespace) -> None:
     if args.corrupted_on_cpu:
         raise UsageError("--corrupted-on-cpu: attribution's forward reads no corrupted states (its slot buffer holds "
                          "clean - corrupted, computed before it); expected no --corrupted-on-cpu")
+    if args.post_norm == "reader":
+        raise UsageError("--post-norm: attribution scores the writer graph (EAP-IG's scores, too, leave out the "
+                         "post-norm's Jacobian); expected writer, got reader")
     if args.signed and args.top_n is None:
         raise UsageError("--signed: orders the edges --top-n marks; expected it with --top-n N, got no --top-n")
     if args.out.is_dir():
