@@ -47,23 +47,7 @@ def test_triton_random_circuits_and_gradients(arch, monkeypatch, one_thread):
                 got = pruned.to(DEVICE)(ids.to(DEVICE), None if ablated is None else cids.to(DEVICE)).logits
             torch.testing.assert_close(got.cpu(), want, atol=TOL, rtol=0)
 
-    results = []
-    for backend in ("triton", "reference"):
-        torch.manual_seed(4)
-        pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0).to(DEVICE).train()
-        full, _ = pruned.reference(ids.to(DEVICE))
-        torch.manual_seed(5)  # node masks: explicit uniforms drawn by torch, the same in both runs
-        with use_backend(backend):
-            out = pruned(ids.to(DEVICE), cids.to(DEVICE), training=True)
-            kl = F.kl_div(out.logits.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean")
-            (kl + out.edge_sparsity).backward()
-        results.append((out.logits.detach().cpu(), [p.grad.cpu() for p in pruned.masks.parameters()]))
-    (logits_t, grads_t), (logits_r, grads_r) = results
-    torch.testing.assert_close(logits_t, logits_r, atol=TOL, rtol=0)
-    assert len(grads_t) == len(grads_r) > 1
-    for gt, gr in zip(grads_t, grads_r):
-        assert gr.abs().sum() > 0
-        torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-4)
+    _assert_sampled_step_matches_reference_backend(model, ids, cids)
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "olmo2"])
@@ -84,12 +68,18 @@ def test_triton_post_norm_reader_mode(arch, monkeypatch, one_thread):
             m.setenv("EDGEPRUNE_BACKEND", "triton")
             got = pruned.to(DEVICE)(ids.to(DEVICE), cids.to(DEVICE)).logits
         torch.testing.assert_close(got.cpu(), want, atol=TOL, rtol=0)
+    _assert_sampled_step_matches_reference_backend(model, ids, cids, post_norm="reader")
+
+
+def _assert_sampled_step_matches_reference_backend(model, ids, cids, **kwargs) -> None:
+    """One sampled training step (node masks on) on the Triton and the reference backend: the
+    same logits and mask gradients, every gradient non-zero."""
     results = []
     for backend in ("triton", "reference"):
         torch.manual_seed(4)
-        pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0, post_norm="reader").to(DEVICE).train()
+        pruned = EdgePrunedModel.from_hf(model, init=1.0, init_std=1.0, **kwargs).to(DEVICE).train()
         full, _ = pruned.reference(ids.to(DEVICE))
-        torch.manual_seed(5)
+        torch.manual_seed(5)  # node masks: explicit uniforms drawn by torch, the same in both runs
         with use_backend(backend):
             out = pruned(ids.to(DEVICE), cids.to(DEVICE), training=True)
             kl = F.kl_div(out.logits.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean")
@@ -97,6 +87,7 @@ def test_triton_post_norm_reader_mode(arch, monkeypatch, one_thread):
         results.append((out.logits.detach().cpu(), [p.grad.cpu() for p in pruned.masks.parameters()]))
     (logits_t, grads_t), (logits_r, grads_r) = results
     torch.testing.assert_close(logits_t, logits_r, atol=TOL, rtol=0)
+    assert len(grads_t) == len(grads_r) > 1
     for gt, gr in zip(grads_t, grads_r):
         assert gr.abs().sum() > 0
         torch.testing.assert_close(gt, gr, atol=1e-5, rtol=1e-4)
