@@ -115,6 +115,20 @@ def median_time(fn, *, warmup: int = 1, reps: int = 3, device: str = "cpu") -> f
     return statistics.median(times)
 
 
+def masked_step(pruned, opt, ids, full_logits, corrupted) -> float:
+    """One pruning step on cached references: the masked forward with sampled masks, KL to the
+    full logits plus the sparsity terms, backward and ``opt``; the KL."""
+    import torch.nn.functional as F
+
+    out = pruned(ids, corrupted_writers=corrupted, training=True)
+    kl = F.kl_div(out.logits.log_softmax(-1), full_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    loss = kl + out.edge_sparsity + out.node_sparsity
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(kl.detach())
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name

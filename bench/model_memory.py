@@ -26,9 +26,8 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-from bench.common import PeakMemory, _status_kb, machine, median_time, reexec_with_fixed_malloc, write_json
+from bench.common import PeakMemory, _status_kb, machine, masked_step, median_time, reexec_with_fixed_malloc, write_json
 
 
 def main() -> None:
@@ -54,24 +53,15 @@ def main() -> None:
     cids = torch.randint(0, V, (B, S))
     opt = torch.optim.AdamW(pruned.edge_log_alpha_parameters() + pruned.node_log_alpha_parameters(), lr=0.1)
 
-    def masked_step(full_logits, corrupted):
-        out = pruned(ids, corrupted_writers=corrupted, training=True)
-        kl = F.kl_div(out.logits.log_softmax(-1), full_logits.log_softmax(-1), log_target=True, reduction="batchmean")
-        loss = kl + out.edge_sparsity + out.node_sparsity
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(kl.detach())
-
     def step():
         full_logits, _ = pruned.reference(ids, states=False)
         _, corrupted = pruned.reference(cids, logits=False)
-        return masked_step(full_logits, corrupted)
+        return masked_step(pruned, opt, ids, full_logits, corrupted)
 
     cached = (pruned.reference(ids, states=False)[0], pruned.reference(cids, logits=False)[1])
 
     def cached_step():
-        return masked_step(*cached)
+        return masked_step(pruned, opt, ids, *cached)
 
     rss_before_gb = round(_status_kb("VmRSS") * 1024 / 1e9, 3)  # weights, caches: not in the peaks
     rows = {}

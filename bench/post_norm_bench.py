@@ -20,9 +20,8 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-from bench.common import PeakMemory, machine, median_time, reexec_with_fixed_malloc, write_json
+from bench.common import PeakMemory, machine, masked_step, median_time, reexec_with_fixed_malloc, write_json
 
 
 def _measure(hf, mode: str, ids, cids, reps: int) -> dict:
@@ -35,12 +34,7 @@ def _measure(hf, mode: str, ids, cids, reps: int) -> dict:
     corrupted = pruned.place_corrupted_writers(pruned.reference(cids, logits=False)[1])
 
     def step():
-        out = pruned(ids, corrupted_writers=corrupted, training=True)
-        kl = F.kl_div(out.logits.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean")
-        loss = kl + out.edge_sparsity + out.node_sparsity
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        masked_step(pruned, opt, ids, full, corrupted)
 
     step()  # warm-up
     peaks = []
